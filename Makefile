@@ -1,0 +1,54 @@
+# Quick start: `make demo` and `make test` on a fresh machine. Both set everything up first:
+# a .venv (reusing an installed torch when the system Python has one, e.g. on a GPU box), the
+# build and test requirements, and the package with its extension built in place.
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# The torch installed when the system Python has none (a CPU build lies on this kind of machine).
+TORCH_SPEC ?= torch==2.13.0
+DEPS := setuptools wheel pybind11 ninja numpy pytest pytest-benchmark matplotlib triton
+STAMP := $(VENV)/.deps-stamp
+PYTEST_ARGS ?=
+
+.PHONY: all setup build test test-gpu demo bench example wheel clean
+
+all: test
+
+$(STAMP): pyproject.toml Makefile
+	@if [ ! -x $(PY) ]; then \
+	  if $(PYTHON) -c "import torch" >/dev/null 2>&1; then \
+	    echo "using the system torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
+	  else $(PYTHON) -m venv $(VENV); fi; fi
+	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH_SPEC)"
+	$(PY) -m pip install -q $(DEPS)
+	@# Liger-Kernel is the peer the tests and benchmarks compare with (optional).
+	-$(PY) -m pip install -q --no-deps liger-kernel
+	@touch $(STAMP)
+
+setup: build
+
+build: $(STAMP)
+	$(PY) -m pip install -q --no-build-isolation --no-deps -e .
+	@$(PY) -c "import fastdistill as fd; print('fastdistill', fd.__version__, '| backends:', fd.backends.summary())"
+
+test: build
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+test-gpu: build
+	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)
+
+demo: build
+	$(PY) -m fastdistill.demo
+
+bench: build
+	$(PY) -m fastdistill.bench
+
+example: build
+	$(PY) examples/classifier_distillation.py
+
+wheel: $(STAMP)
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+
+clean:
+	rm -rf build dist *.egg-info fastdistill/_C*.so

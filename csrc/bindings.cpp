@@ -1,0 +1,78 @@
+// The pybind11 module fastdistill._C. It links no torch library: every function takes raw
+// pointers (as integers), sizes, strides, dtype codes and, for CUDA, a stream handle, and returns
+// a Status code. fastdistill/backends/_ext.py checks every argument before a pointer gets here.
+#include <pybind11/pybind11.h>
+
+#include <cstdint>
+
+#include "cpu/kernels.h"
+#include "fastdistill/divergence.h"
+#if FD_WITH_CUDA
+#include "cuda/launchers.h"
+#endif
+
+namespace py = pybind11;
+namespace fd = fastdistill;
+
+namespace {
+
+template <typename T>
+T* ptr(uintptr_t p) {
+  return reinterpret_cast<T*>(p);
+}
+
+fd::DistillParams make_params(int32_t divergence, float beta, float inv_temperature,
+                              float soft_scale, float hard_weight, int64_t ignore_index,
+                              int64_t vocab) {
+  fd::DistillParams p;
+  p.divergence = divergence;
+  p.beta = beta;
+  p.inv_temperature = inv_temperature;
+  p.soft_scale = soft_scale;
+  p.hard_weight = hard_weight;
+  p.ignore_index = ignore_index;
+  p.vocab = vocab;
+  return p;
+}
+
+int32_t distill_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
+                    int32_t t_dtype, int64_t t_stride, uintptr_t labels, uintptr_t grad,
+                    int64_t g_stride, int64_t grad_width, uintptr_t loss_rows, int64_t n_rows,
+                    int32_t divergence, float beta, float inv_temperature, float soft_scale,
+                    float hard_weight, int64_t ignore_index, int64_t vocab, float grad_scale,
+                    int32_t num_threads) {
+  const fd::DistillParams p = make_params(divergence, beta, inv_temperature, soft_scale,
+                                          hard_weight, ignore_index, vocab);
+  py::gil_scoped_release nogil;
+  return fd::cpu::best::distill_rows(ptr<const void>(student), s_dtype, s_stride,
+                                     ptr<const void>(teacher), t_dtype, t_stride,
+                                     ptr<const int64_t>(labels), ptr<void>(grad), g_stride,
+                                     grad_width, ptr<float>(loss_rows), n_rows, p, grad_scale,
+                                     num_threads);
+}
+
+int32_t feature_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
+                    int32_t t_dtype, int64_t t_stride, uintptr_t mask, uintptr_t grad,
+                    int64_t g_stride, uintptr_t loss_rows, int64_t n_rows, int64_t dim,
+                    int32_t kind, float grad_scale, int32_t num_threads) {
+  py::gil_scoped_release nogil;
+  return fd::cpu::best::feature_rows(ptr<const void>(student), s_dtype, s_stride,
+                                     ptr<const void>(teacher), t_dtype, t_stride,
+                                     ptr<const bool>(mask), ptr<void>(grad), g_stride,
+                                     ptr<float>(loss_rows), n_rows, dim, kind, grad_scale,
+                                     num_threads);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_C, m) {
+  m.doc() = "fastdistill kernels (torch-free; pointers in, status codes out)";
+  m.attr("version") = FD_VERSION;
+  m.attr("has_cuda") = bool(FD_WITH_CUDA);
+  m.def("cpu_isa", &fd::cpu::isa_name, "ISA variant of the host kernels in use");
+  m.def("distill_cpu", &distill_cpu, "logit-level distillation loss and gradient, host");
+  m.def("feature_cpu", &feature_cpu, "feature loss and gradient, host");
+#if FD_WITH_CUDA
+  fd::cuda::bind(m);
+#endif
+}

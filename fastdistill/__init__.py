@@ -1,0 +1,25 @@
+"""fastdistill: fused, memory-frugal knowledge-distillation losses for large language models.
+
+Public API (see README.md and fastdistill.functional for the exact semantics)::
+
+    fd.distill_loss(student_logits, teacher_logits, labels=None, *, divergence=..., ...)
+    fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
+    fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
+"""
+
+from fastdistill._version import __version__
+from fastdistill import backends, divergences, ops  # noqa: F401  (ops registers the custom ops)
+from fastdistill.backends import BackendUnavailableError
+from fastdistill.divergences import DIVERGENCES
+from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
+from fastdistill.losses import DistillLoss
+
+__all__ = [
+    "__version__",
+    "distill_loss",
+    "feature_loss",
+    "DistillLoss",
+    "DIVERGENCES",
+    "FEATURE_KINDS",
+    "BackendUnavailableError",
+]

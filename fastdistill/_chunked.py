@@ -1,0 +1,158 @@
+"""Chunked "linear layer + row loss" with the gradient computed in the forward pass.
+
+Shared by linear_distill_loss (lm_head + divergence) and feature_loss with a projection
+(projection + feature loss). For rows in chunks of ``chunk`` tokens:
+
+    z = hidden[c] @ weight.T (+ bias)           float32, never rounded before the loss
+    z = softcap * tanh(z / softcap)             optional (Gemma-style)
+    rows[c], G = row_fn(c, z)                   the fused row kernel, G written over z
+    G *= 1 - tanh^2                             softcap chain rule
+    grad_hidden[c] = G @ weight,  grad_weight += G.T @ hidden[c],  grad_bias += G.sum(0)
+
+so at most one chunk of ``[chunk, out]`` float32 logits (and the row function's own chunk
+buffers) exists at a time. grad_weight and grad_bias accumulate in float32.
+
+With a scalar loss (mean / sum) the gradients are complete after the forward and backward only
+multiplies them by grad_output. With ``reduction="none"`` each row has its own grad_output, so
+the forward computes the losses only and backward recomputes the chunks with the per-row
+factors folded in (one extra matmul per chunk, no extra memory).
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Optional
+
+import torch
+
+# (r0, r1, z [R, O] float32, need_grad, grad_scale) -> (rows [R] float32, G [R, O] or None);
+# G may be written over z.
+RowFn = Callable[[int, int, torch.Tensor, bool, torch.Tensor], tuple]
+
+_MM_OUT_DTYPE: Optional[bool] = None
+
+
+def tensor_core_path(weight: torch.Tensor) -> bool:
+    """16-bit CUDA weights: matmuls run in the weight dtype with float32 outputs. Elsewhere
+    (CPU, float32) everything is float32."""
+    return weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
+
+
+def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """a @ b with a float32 result. 16-bit CUDA inputs use the tensor cores with float32
+    output (torch.mm(..., out_dtype=float32)) where torch has it; elsewhere the inputs are
+    upcast."""
+    global _MM_OUT_DTYPE
+    if a.dtype == torch.float32 and b.dtype == torch.float32:
+        return torch.mm(a, b)
+    if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
+        if _MM_OUT_DTYPE is None:
+            try:
+                torch.mm(a[:1], b[:, :1], out_dtype=torch.float32)
+                _MM_OUT_DTYPE = True
+            except (TypeError, RuntimeError):
+                _MM_OUT_DTYPE = False
+        if _MM_OUT_DTYPE:
+            return torch.mm(a, b, out_dtype=torch.float32)
+    return torch.mm(a.float(), b.float())
+
+
+def default_chunk(n_rows: int, width: int, device: torch.device, buffers: int = 3,
+                  budget: Optional[int] = None) -> int:
+    """Rows per chunk so that `buffers` float32 [chunk, width] tensors fit in the budget
+    (512 MiB on GPU, 64 MiB on CPU: chunks large enough to keep the GEMMs efficient)."""
+    if budget is None:
+        budget = (512 << 20) if device.type == "cuda" else (64 << 20)
+    rows = budget // max(1, buffers * 4 * width)
+    return int(max(1, min(n_rows, rows)))
+
+
+class ChunkedLinearLoss(torch.autograd.Function):
+    """Loss of ``row_fn`` over ``hidden @ weight.T + bias`` in chunks; see the module doc."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, bias, row_fn: RowFn, chunk: int, softcap: Optional[float],
+                per_row: bool, scale: torch.Tensor):
+        N = hidden.shape[0]
+        needs = ctx.needs_input_grad[:3]
+        ctx.row_fn, ctx.chunk, ctx.softcap, ctx.per_row = row_fn, chunk, softcap, per_row
+        ctx.w_dtype = weight.dtype
+        ctx.b_dtype = bias.dtype if bias is not None else None
+        rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
+        grads = None
+        if any(needs) and not per_row:
+            grads = _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, None, rows)
+        else:
+            _run(hidden, weight, bias, row_fn, chunk, softcap, (False,) * 3, scale, None, rows)
+        if per_row:
+            ctx.save_for_backward(hidden, weight, bias)
+            return rows
+        ctx.grads = grads
+        return rows.sum() * scale
+
+    @staticmethod
+    def backward(ctx, g_out):
+        needs = ctx.needs_input_grad[:3]
+        if ctx.per_row:
+            hidden, weight, bias = ctx.saved_tensors
+            one = torch.ones((), dtype=torch.float32, device=hidden.device)
+            grads = _run(hidden, weight, bias, ctx.row_fn, ctx.chunk, ctx.softcap, needs, one,
+                         g_out.to(torch.float32), None)
+        else:
+            grads, ctx.grads = ctx.grads, None
+            if grads is None:
+                raise RuntimeError("fastdistill: backward ran twice through one forward, or "
+                                   "the forward ran without gradients")
+            grads = [g * g_out.to(g.dtype) if g is not None else None for g in grads]
+        g_h, g_w, g_b = grads
+        return (g_h, g_w.to(ctx.w_dtype) if g_w is not None else None,
+                g_b.to(ctx.b_dtype) if g_b is not None else None,
+                None, None, None, None, None)
+
+
+def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor, rows_out):
+    """One sweep over the chunks. Fills rows_out (if given) and returns [grad_hidden,
+    grad_weight (float32), grad_bias (float32)] for the inputs in `needs`."""
+    N = hidden.shape[0]
+    want = any(needs)
+    g_h = torch.empty_like(hidden) if needs[0] else None
+    g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] \
+        else None
+    g_b = torch.zeros(bias.shape, dtype=torch.float32, device=bias.device) \
+        if bias is not None and needs[2] else None
+    tc = tensor_core_path(weight)
+    w = weight if tc else weight.float()  # one float32 copy per sweep on the upcast path
+    b = bias.float() if bias is not None else None
+    for r0 in range(0, N, chunk):
+        r1 = min(N, r0 + chunk)
+        h = hidden[r0:r1] if tc else hidden[r0:r1].float()
+        z = mm_f32(h, w.t())
+        if b is not None:
+            z += b
+        th = None
+        if softcap is not None:
+            th = torch.tanh(z.div_(softcap))
+            z = torch.mul(th, softcap, out=z)
+        rows, G = row_fn(r0, r1, z, want, scale)
+        if rows_out is not None:
+            rows_out[r0:r1] = rows
+        if not want:
+            continue
+        if row_factor is not None:
+            G.mul_(row_factor[r0:r1, None])
+        if th is not None:
+            G.mul_(1.0 - th * th)
+        Gm = G.to(w.dtype) if tc else G
+        if g_h is not None:
+            g_h[r0:r1] = torch.mm(Gm, w).to(hidden.dtype)
+        if g_w is not None:
+            g_w += mm_f32(Gm.t(), h)
+        if g_b is not None:
+            g_b += G.sum(0)
+    return [g_h, g_w, g_b]
+
+
+def chunked_linear_loss(hidden, weight, bias, row_fn: RowFn, chunk: int,
+                        softcap: Optional[float], per_row: bool,
+                        scale: torch.Tensor) -> torch.Tensor:
+    """Reduced loss (0-d, ``scale * sum``) or per-row losses ``[N]`` (per_row)."""
+    return ChunkedLinearLoss.apply(hidden, weight, bias, row_fn, chunk, softcap, per_row, scale)

@@ -1,0 +1,185 @@
+"""Pure-PyTorch backend: runs on any device, the fallback of every other backend.
+
+It computes the same loss and student gradient as the fused kernels, in float32, chunk by chunk
+over rows, so it never holds more than one chunk of ``[rows, V]`` float32 temporaries; the
+gradient is produced in the forward pass (no autograd graph over ``[N, V]``).
+
+Backend contract (every ``*_backend`` module)::
+
+    distill_forward(student [N, Vs], teacher [N, Vt], labels [N] int64 | None,
+                    opts: DistillOptions, vocab: int, grad_scale: 0-d float32 tensor,
+                    need_grad: bool, grad_out: [N, Vs] | None)
+        -> (loss_rows [N] float32, grad [N, Vs] in the student dtype | None)
+
+    loss_rows[r] = soft_scale * D(P_r, Q_r) + hard_weight * CE_r, 0 where labels == ignore_index
+    grad[r]      = grad_scale * d loss_rows[r] / d student[r]  (0 in columns >= vocab)
+
+``grad_out`` (optional) is the buffer to write the gradient into; it may be ``student`` itself.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Tuple
+
+import torch
+
+from fastdistill.divergences import DIVERGENCE_CODES, DistillOptions
+
+FKL, RKL, JSD, SFKL, SRKL, TVD = (DIVERGENCE_CODES[k] for k in (
+    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+
+# float32 elements per [rows, V] temporary; about ten of them live at once.
+CHUNK_ELEMENTS = 1 << 21
+
+
+def _log_weight(w: float) -> float:
+    return math.log(w) if w > 0 else -math.inf
+
+
+def _rowsum(x: torch.Tensor) -> torch.Tensor:
+    return x.sum(-1, keepdim=True)
+
+
+def _soft_rows(a: torch.Tensor, b: torch.Tensor, code: int, beta: float):
+    """Divergence per row and dD/da for scaled logits a (student), b (teacher): [R, V] fp32."""
+    lq = torch.log_softmax(a, -1)
+    lp = torch.log_softmax(b, -1)
+    q, p = lq.exp(), lp.exp()
+    zero = torch.zeros((), dtype=a.dtype, device=a.device)
+
+    def plogr(w, lw, lm):  # sum w (lw - lm), 0 where w == 0
+        keep = w > 0
+        return torch.where(keep, w * (torch.where(keep, lw, zero) - torch.where(keep, lm, zero)),
+                           zero).sum(-1)
+
+    if code == FKL:
+        return plogr(p, lp, lq), q - p
+    if code == RKL:
+        div = plogr(q, lq, lp)
+        h = torch.where(q > 0, lq - lp, zero)
+        return div, torch.where(q > 0, q * (h - div.unsqueeze(-1)), zero)
+    if code == JSD:
+        lm = torch.logaddexp(lp + _log_weight(beta), lq + _log_weight(1 - beta))
+        div = beta * plogr(p, lp, lm) + (1 - beta) * plogr(q, lq, lm)
+        h = torch.where(q > 0, (1 - beta) * (lq - lm), zero)
+    elif code == SFKL:
+        lm = torch.logaddexp(lp + _log_weight(beta), lq + _log_weight(1 - beta))
+        div = plogr(p, lp, lm)
+        h = torch.where(p > 0, -(1 - beta) * torch.exp(torch.where(p > 0, lp - lm, zero)), zero)
+    elif code == SRKL:
+        lm = torch.logaddexp(lp + _log_weight(1 - beta), lq + _log_weight(beta))
+        div = plogr(q, lq, lm)
+        safe = torch.where(q > 0, lq - lm, zero)
+        h = torch.where(q > 0, safe - beta * torch.exp(safe), zero)
+    elif code == TVD:
+        div = 0.5 * (p - q).abs().sum(-1)
+        h = 0.5 * torch.sign(q - p)
+    else:
+        raise ValueError(f"unknown divergence code {code}")
+    aux = _rowsum(q * h)
+    return div, torch.where(q > 0, q * (h - aux), zero)
+
+
+def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
+                    opts: DistillOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
+                    grad_out: Optional[torch.Tensor] = None
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    N, Vs = student.shape
+    V = vocab
+    code, beta = opts.kernel_code, opts.beta
+    inv_t = 1.0 / opts.temperature
+    soft_scale, hw = opts.soft_scale, opts.hard_weight
+    hard = hw != 0.0 and labels is not None
+    rows = torch.empty(N, dtype=torch.float32, device=student.device)
+    grad = None
+    if need_grad:
+        grad = grad_out if grad_out is not None else student.new_empty(student.shape)
+        if Vs > V:
+            grad[:, V:].zero_()
+    step = max(1, CHUNK_ELEMENTS // max(V, 1))
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        z = student[r0:r1, :V].float()
+        div, g = _soft_rows(z * inv_t, teacher[r0:r1, :V].float() * inv_t, code, beta)
+        loss = soft_scale * div
+        if need_grad:
+            g = g * (soft_scale * inv_t)
+        valid = None
+        if labels is not None:
+            lab = labels[r0:r1]
+            valid = lab != opts.ignore_index
+            if hard:
+                safe = torch.where(valid, lab, torch.zeros_like(lab)).clamp(0, V - 1)
+                l1 = torch.log_softmax(z, -1)
+                ce = -l1.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
+                # labels outside [0, V) give NaN, as the kernels do (the API rejects them first)
+                bad = valid & ((lab < 0) | (lab >= V))
+                ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
+                loss = loss + hw * ce
+                if need_grad:
+                    onehot = torch.zeros_like(l1).scatter_(-1, safe.unsqueeze(-1), 1.0)
+                    g = g + hw * (l1.exp() - onehot)
+            loss = torch.where(valid, loss, torch.zeros_like(loss))
+        rows[r0:r1] = loss
+        if need_grad:
+            g = g * grad_scale
+            if valid is not None:
+                g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
+            grad[r0:r1, :V] = g.to(grad.dtype)
+    return rows, grad
+
+
+# ----------------------------------------------------------------------------------------------
+# feature losses
+# ----------------------------------------------------------------------------------------------
+
+COSINE_EPS = 1e-8
+LAYER_NORM_EPS = 1e-5
+FEATURE_KINDS = ("mse", "cosine", "normalized_mse")
+
+
+def feature_rows(s: torch.Tensor, t: torch.Tensor, kind: int):
+    """Per-row feature loss and dL/ds for float32 rows [R, D]."""
+    D = s.shape[-1]
+    if kind == 0:  # mse
+        d = s - t
+        return (d * d).mean(-1), d * (2.0 / D)
+    if kind == 1:  # cosine
+        ns, nt = s.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
+        ns_c, nt_c = ns.clamp_min(COSINE_EPS), nt.clamp_min(COSINE_EPS)
+        cos = _rowsum(s * t) / (ns_c * nt_c)
+        cs = torch.where(ns > COSINE_EPS, cos / (ns_c * ns_c), torch.zeros_like(cos))
+        return (1.0 - cos).squeeze(-1), cs * s - t / (ns_c * nt_c)
+    if kind == 2:  # normalized_mse
+        ms, mt = s.mean(-1, keepdim=True), t.mean(-1, keepdim=True)
+        sc, tc = s - ms, t - mt
+        vs = (sc * sc).mean(-1, keepdim=True) + LAYER_NORM_EPS
+        vt = (tc * tc).mean(-1, keepdim=True) + LAYER_NORM_EPS
+        sh, th = sc * vs.rsqrt(), tc * vt.rsqrt()
+        d = sh - th
+        loss = (d * d).mean(-1)
+        md = _rowsum(d * sh) * (2.0 / D / D)
+        return loss, (d * (2.0 / D) - sh * md) * vs.rsqrt()
+    raise ValueError(f"unknown feature kind {kind}")
+
+
+def feature_forward(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
+                    kind: int, grad_scale: torch.Tensor, need_grad: bool
+                    ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """Feature loss per row ``[N]`` (0 where mask is False) and ``grad_scale * dL_r/ds_r``."""
+    N, D = student.shape
+    rows = torch.empty(N, dtype=torch.float32, device=student.device)
+    grad = student.new_empty(student.shape) if need_grad else None
+    step = max(1, CHUNK_ELEMENTS // max(D, 1))
+    for r0 in range(0, N, step):
+        r1 = min(N, r0 + step)
+        loss, g = feature_rows(student[r0:r1].float(), teacher[r0:r1].float(), kind)
+        if mask is not None:
+            m = mask[r0:r1]
+            loss = torch.where(m, loss, torch.zeros_like(loss))
+            g = torch.where(m.unsqueeze(-1), g, torch.zeros_like(g))
+        rows[r0:r1] = loss
+        if need_grad:
+            grad[r0:r1] = (g * grad_scale).to(grad.dtype)
+    return rows, grad

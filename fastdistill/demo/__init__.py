@@ -1,0 +1,1 @@
+"""The distillation demo: ``python -m fastdistill.demo`` (``make demo``)."""

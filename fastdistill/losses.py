@@ -1,0 +1,43 @@
+"""nn.Module wrappers around the functional losses: options at construction, tensors at call."""
+
+from __future__ import annotations
+
+import inspect
+
+import torch
+from torch import nn
+
+from fastdistill.divergences import make_options
+from fastdistill.functional import distill_loss
+
+
+class DistillLoss(nn.Module):
+    """``DistillLoss(**options)(student_logits, teacher_logits, labels=None)``.
+
+    ``options`` are the keyword arguments of :func:`fastdistill.distill_loss` (divergence,
+    beta, temperature, t2_scale, hard_weight, soft_weight, ignore_index, reduction,
+    vocab_size, backend); ``num_items_in_batch`` may also be given per call.
+    """
+
+    _OPTIONS = tuple(p for p in inspect.signature(distill_loss).parameters
+                     if p not in ("student_logits", "teacher_logits", "labels",
+                                  "num_items_in_batch"))
+
+    def __init__(self, **options):
+        super().__init__()
+        unknown = sorted(set(options) - set(self._OPTIONS))
+        if unknown:
+            raise TypeError(f"DistillLoss got unknown option(s) {unknown}; expected some of "
+                            f"{list(self._OPTIONS)}")
+        # validate now so a bad option fails at construction, not at the first step
+        make_options(**{k: v for k, v in options.items()
+                        if k not in ("vocab_size", "backend")})
+        self.options = dict(options)
+
+    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
+                labels=None, *, num_items_in_batch=None) -> torch.Tensor:
+        return distill_loss(student_logits, teacher_logits, labels,
+                            num_items_in_batch=num_items_in_batch, **self.options)
+
+    def extra_repr(self) -> str:
+        return ", ".join(f"{k}={v!r}" for k, v in self.options.items())
