@@ -26,12 +26,12 @@ import triton.language as tl
 from fastdistill.kernels import interpreting
 
 # Divergence codes of fastdistill.divergences.DIVERGENCE_CODES.
-FKL: tl.constexpr = 0
-RKL: tl.constexpr = 1
-JSD: tl.constexpr = 2
-SFKL: tl.constexpr = 3
-SRKL: tl.constexpr = 4
-TVD: tl.constexpr = 5
+FKL = tl.constexpr(0)
+RKL = tl.constexpr(1)
+JSD = tl.constexpr(2)
+SFKL = tl.constexpr(3)
+SRKL = tl.constexpr(4)
+TVD = tl.constexpr(5)
 
 
 @triton.jit
@@ -247,10 +247,10 @@ def distill_kernel(
     else:
         tl.store(loss_ptr + row, 0.0)
         if WRITE_GRAD:
-            zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
+            zero_g = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
             for j0 in range(0, G_WIDTH, BLOCK):
                 cols = j0 + offs
-                tl.store(g_row + cols, zero, mask=cols < G_WIDTH)
+                tl.store(g_row + cols, zero_g, mask=cols < G_WIDTH)
 
 
 def block_size(width: int, cap: int = 4096) -> int:

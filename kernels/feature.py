@@ -17,11 +17,11 @@ import triton.language as tl
 
 from fastdistill.kernels import interpreting
 
-MSE: tl.constexpr = 0
-COSINE: tl.constexpr = 1
-NORM: tl.constexpr = 2
-COS_EPS: tl.constexpr = 1e-8
-LN_EPS: tl.constexpr = 1e-5
+MSE = tl.constexpr(0)
+COSINE = tl.constexpr(1)
+NORM = tl.constexpr(2)
+COS_EPS = tl.constexpr(1e-8)
+LN_EPS = tl.constexpr(1e-5)
 ONE_TILE_MAX = 8192
 
 
@@ -151,10 +151,10 @@ def feature_kernel(s_ptr, s_stride, t_ptr, t_stride, mask_ptr, g_ptr, g_stride, 
     else:
         tl.store(loss_ptr + row, 0.0)
         if WRITE_GRAD:
-            zero = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
+            zero_g = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
             for j0 in range(0, D, BLOCK):
                 cols = j0 + offs
-                tl.store(g_row + cols, zero, mask=cols < D)
+                tl.store(g_row + cols, zero_g, mask=cols < D)
 
 
 def feature_forward(student, teacher, mask, kind, grad_scale, need_grad):
