@@ -137,7 +137,8 @@ class NinjaBuildExt(build_ext):
         defines = [f"-DFD_WITH_CUDA={1 if with_cuda else 0}",
                    f"-DFD_VERSION=\\\"{read_version()}\\\""]
         # -ffp-contract=off: see fd_fma in csrc/include/fastdistill/fast_math.h
-        cflags = (["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-ffp-contract=off",
+        cflags = (["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
+                   "-ffp-contract=off",
                    "-fvisibility=hidden", "-Wall", "-Wno-unknown-pragmas"]
                   + [f"-I{p}" for p in inc] + defines)
         objs, rules = [], []

@@ -4,6 +4,9 @@
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #include "cpu/kernels.h"
 #include "fastdistill/divergence.h"
@@ -63,6 +66,23 @@ int32_t feature_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintpt
                                      num_threads);
 }
 
+// Ask for transparent huge pages on a fresh buffer before its first touch. On CPU the first
+// write to a freshly mmap'ed gradient costs one page fault per 4 KiB, which can take longer than
+// the kernel itself; with 2 MiB pages it costs 512 times fewer. Best effort (returns false when
+// the kernel declines or the range holds no whole huge page).
+bool advise_hugepages(uintptr_t p, int64_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const uintptr_t huge = uintptr_t(2) << 20;
+  const uintptr_t a = (p + huge - 1) / huge * huge, e = (p + (uintptr_t)bytes) / huge * huge;
+  if (e <= a) return false;
+  return madvise(reinterpret_cast<void*>(a), e - a, MADV_HUGEPAGE) == 0;
+#else
+  (void)p;
+  (void)bytes;
+  return false;
+#endif
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -72,6 +92,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("cpu_isa", &fd::cpu::isa_name, "ISA variant of the host kernels in use");
   m.def("distill_cpu", &distill_cpu, "logit-level distillation loss and gradient, host");
   m.def("feature_cpu", &feature_cpu, "feature loss and gradient, host");
+  m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on a fresh buffer");
 #if FD_WITH_CUDA
   fd::cuda::bind(m);
 #endif

@@ -87,6 +87,8 @@ def _(student, teacher, labels, scale, divergence, beta, temperature, t2_scale, 
 def _distill_setup(ctx, inputs, output):
     ctx.need_grad = inputs[-1]
     ctx.mark_non_differentiable(output[1])
+    # no [N, V] zero tangent for the gradient output, which nothing differentiates
+    ctx.set_materialize_grads(False)
     ctx.save_for_backward(output[1])
 
 

@@ -68,10 +68,15 @@ void zero_row(void* row, int32_t dtype, int64_t j0, int64_t j1) {
   std::memset(static_cast<char*>(row) + j0 * elt, 0, (j1 - j0) * elt);
 }
 
+// max_i x[i] * scale, ignoring NaN (NaN then reaches the sums through exp). A plain compare and
+// select: std::fmax is an out-of-line libm call that does not vectorise.
 float chunk_max(const float* __restrict x, int n, float scale) {
   float m = -fd_inf();
 #pragma omp simd reduction(max : m)
-  for (int i = 0; i < n; ++i) m = std::fmax(m, x[i] * scale);
+  for (int i = 0; i < n; ++i) {
+    const float v = x[i] * scale;
+    m = v > m ? v : m;
+  }
   return m;
 }
 
@@ -85,7 +90,7 @@ struct OnlineLSE {
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
     for (int i = 0; i < n; ++i) s += fd_exp(z[i] - cm);
-    const float m_new = std::fmax(m, cm);
+    const float m_new = cm > m ? cm : m;
     d = d * (double)rescale_factor(m, m_new) + (double)s * (double)rescale_factor(cm, m_new);
     m = m_new;
   }

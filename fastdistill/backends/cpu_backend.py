@@ -18,6 +18,19 @@ def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
+HUGE_BUFFER = 64 << 20
+
+
+def new_buffer(like: torch.Tensor) -> torch.Tensor:
+    """An uninitialised tensor shaped like `like`; big ones are backed by transparent huge pages
+    (see advise_hugepages in csrc/bindings.cpp: 4 KiB first-touch faults otherwise cost about as
+    much as the kernel)."""
+    out = like.new_empty(like.shape)
+    if out.numel() * out.element_size() >= HUGE_BUFFER:
+        _ext._C.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
+    return out
+
+
 def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
                     opts: DistillOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
                     grad_out: Optional[torch.Tensor] = None
@@ -27,7 +40,7 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
     rows = torch.empty(N, dtype=torch.float32)
     grad = None
     if need_grad:
-        grad = grad_out if grad_out is not None else student.new_empty(student.shape)
+        grad = grad_out if grad_out is not None else new_buffer(student)
         assert grad.stride(1) == 1 and grad.dtype == student.dtype
     if labels is not None:
         labels = labels.contiguous()
@@ -49,7 +62,7 @@ def feature_forward(student: torch.Tensor, teacher: torch.Tensor, mask: Optional
     N, D = student.shape
     assert student.stride(1) == 1 and teacher.stride(1) == 1
     rows = torch.empty(N, dtype=torch.float32)
-    grad = student.new_empty(student.shape) if need_grad else None
+    grad = new_buffer(student) if need_grad else None
     if mask is not None:
         mask = mask.contiguous()
     status = _ext._C.feature_cpu(

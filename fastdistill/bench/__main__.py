@@ -1,0 +1,227 @@
+"""Benchmark CLI: ``python -m fastdistill.bench`` or ``fastdistill-bench``.
+
+Sweeps tokens (N) and vocabulary (V) for an op and compares, side by side in one run,
+fastdistill's backends, torch eager, torch.compile and Liger-Kernel (when installed). Prints a
+table, writes ``results.csv`` and PNG plots (time and peak extra memory against N, one line per
+provider and V) into ``--out``, and shows progress. Device, versions and commit go into every
+output.
+
+    python -m fastdistill.bench --preset cpu-logits      # issue targets on this machine
+    python -m fastdistill.bench --op distill --N 1024 4096 --V 32768 65536
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import os
+import platform
+import subprocess
+import sys
+import time
+
+import torch
+
+from fastdistill.bench import cases, measure
+
+PRESETS = {
+    # logit-level loss against the naive composition, fp32 on CPU (target: <= 10% time,
+    # <= 5% extra memory)
+    "cpu-logits": dict(op="distill", device="cpu", dtype="fp32", N=[4096], V=[65536],
+                       providers=["fastdistill-cpu", "torch-eager"]),
+    # fused linear loss against materialised logits (target: <= 25% time, <= 5% memory)
+    "cpu-linear": dict(op="linear", device="cpu", dtype="fp32", N=[4096], V=[65536], D=256,
+                       providers=["fastdistill-chunked", "torch-eager", "liger-chunked"]),
+    "cpu-feature": dict(op="feature", device="cpu", dtype="fp32", N=[2048], D=1024, pairs=4,
+                        providers=["fastdistill-cpu", "fastdistill-torch", "torch-eager"]),
+    "cpu-sweep": dict(op="distill", device="cpu", dtype="fp32", N=[512, 2048],
+                      V=[8192, 32768]),
+    "gpu-logits": dict(op="distill", device="cuda", dtype="bf16", N=[8192], V=[128256]),
+    "gpu-sweep": dict(op="distill", device="cuda", dtype="bf16", N=[2048, 8192, 16384],
+                      V=[32000, 128256, 262144]),
+    "gpu-linear": dict(op="linear", device="cuda", dtype="bf16", N=[8192], V=[128256], D=4096),
+    "gpu-feature": dict(op="feature", device="cuda", dtype="bf16", N=[8192], D=4096, pairs=4),
+}
+
+
+def commit() -> str:
+    try:
+        root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def environment(device: str) -> dict:
+    try:
+        import triton
+        tv = triton.__version__
+    except ImportError:
+        tv = "none"
+    name = torch.cuda.get_device_name() if device == "cuda" else \
+        f"{platform.processor() or platform.machine()} CPU, {os.cpu_count()} cores"
+    return {"device": name, "torch": torch.__version__, "triton": tv, "commit": commit(),
+            "date": datetime.date.today().isoformat()}
+
+
+def parse(argv=None):
+    ap = argparse.ArgumentParser(prog="fastdistill-bench", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--preset", choices=sorted(PRESETS))
+    ap.add_argument("--op", choices=sorted(cases.BUILDERS), default=None)
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    ap.add_argument("--dtype", choices=sorted(cases.DTYPES), default=None)
+    ap.add_argument("--N", type=int, nargs="+", default=None, help="token counts")
+    ap.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
+    ap.add_argument("--D", type=int, default=None, help="hidden size (linear, feature)")
+    ap.add_argument("--pairs", type=int, default=None, help="layer pairs (feature)")
+    ap.add_argument("--divergence", default="forward_kl")
+    ap.add_argument("--temperature", type=float, default=1.0)
+    ap.add_argument("--hard-weight", type=float, default=0.0)
+    ap.add_argument("--providers", nargs="+", default=None)
+    ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (CPU)")
+    ap.add_argument("--out", default=os.path.join("bench", "out"))
+    ap.add_argument("--no-plot", action="store_true")
+    args = ap.parse_args(argv)
+    cfg = dict(op="distill", device="auto", dtype=None, N=None, V=None, D=None, pairs=None,
+               providers=None)
+    if args.preset:
+        cfg.update(PRESETS[args.preset])
+    for k in ("op", "device", "dtype", "N", "V", "D", "pairs", "providers"):
+        if getattr(args, k) is not None:
+            cfg[k] = getattr(args, k)
+    if cfg["device"] == "auto":
+        cfg["device"] = "cuda" if torch.cuda.is_available() else "cpu"
+    gpu = cfg["device"] == "cuda"
+    cfg["dtype"] = cfg["dtype"] or ("bf16" if gpu else "fp32")
+    cfg["N"] = cfg["N"] or ([2048, 8192, 16384] if gpu else [512, 2048])
+    cfg["V"] = cfg["V"] or ([32000, 128256, 262144] if gpu else [8192, 32768])
+    cfg["D"] = cfg["D"] or (4096 if gpu else 256)
+    cfg["pairs"] = cfg["pairs"] or 4
+    cfg["providers"] = cfg["providers"] or cases.PROVIDERS[cfg["op"]](cfg["device"])
+    return args, cfg
+
+
+def run_point(spec: dict) -> dict:
+    if spec["device"] == "cpu":
+        return measure.measure_cpu(spec)
+    try:
+        run, reset, grad_bytes, moved, flops = cases.build(spec)
+        out = measure.measure_cuda(run, reset, grad_bytes)
+        out.update(bytes_moved=moved, flops=flops)
+        return out
+    except Exception as e:  # one failing provider must not stop the sweep
+        return {"error": f"{type(e).__name__}: {e}"}
+    finally:
+        torch.cuda.empty_cache()
+
+
+def main(argv=None) -> int:
+    args, cfg = parse(argv)
+    env = environment(cfg["device"])
+    os.makedirs(args.out, exist_ok=True)
+    ceiling = measure.copy_bandwidth(cfg["device"])
+    header = (f"# fastdistill bench | {env['date']} | {env['device']} | torch {env['torch']} | "
+              f"triton {env['triton']} | commit {env['commit']} | op {cfg['op']} "
+              f"{cfg['dtype']} | copy bandwidth {ceiling / 1e9:.1f} GB/s")
+    print(header, flush=True)
+    sizes = [(n, v) for n in cfg["N"] for v in (cfg["V"] if cfg["op"] != "feature" else [0])]
+    points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
+    rows = []
+    t_start = time.time()
+    for i, (prov, n, v) in enumerate(points, 1):
+        spec = dict(op=cfg["op"], provider=prov, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
+                    pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
+                    divergence=args.divergence, temperature=args.temperature,
+                    hard_weight=args.hard_weight, repeats=args.repeats)
+        print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
+        r = run_point(spec)
+        r.update(provider=prov, N=n, V=v)
+        rows.append(r)
+        msg = r.get("error") or (f"{r['time_s'] * 1e3:9.2f} ms  "
+                                 f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB extra")
+        print(f"{msg}  ({time.time() - t_start:.0f}s)", flush=True)
+    table = format_table(rows, ceiling, cfg)
+    print(header)
+    print(table)
+    write_csv(rows, env, cfg, ceiling, os.path.join(args.out, "results.csv"))
+    if not args.no_plot:
+        for path in plot(rows, env, cfg, args.out):
+            print(f"plot: {path}")
+    return 0
+
+
+def format_table(rows, ceiling, cfg) -> str:
+    base = {(r["N"], r["V"]): r for r in rows if r["provider"] == "torch-eager" and "error" not in r}
+    lines = [f"| provider | N | V | time (ms) | peak extra (MiB) | achieved | vs torch-eager "
+             f"time / memory |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        if "error" in r:
+            lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | error: {r['error'][:60]} "
+                         "| | | |")
+            continue
+        t = r["time_s"]
+        if r.get("flops"):
+            ach = f"{r['flops'] / t / 1e12:.1f} TFLOP/s"
+        else:
+            ach = f"{r['bytes_moved'] / t / 1e9:.1f} GB/s ({100 * r['bytes_moved'] / t / ceiling:.0f}%)"
+        b = base.get((r["N"], r["V"]))
+        rel = ""
+        if b is not None:
+            mem = 100 * r["peak_extra_bytes"] / max(b["peak_extra_bytes"], 1)
+            rel = f"{100 * t / b['time_s']:.1f}% / {mem:.2f}%"
+        lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | {t * 1e3:.2f} | "
+                     f"{r['peak_extra_bytes'] / 2**20:.1f} | {ach} | {rel} |")
+    return "\n".join(lines)
+
+
+def write_csv(rows, env, cfg, ceiling, path):
+    keys = ["provider", "N", "V", "time_s", "peak_extra_bytes", "bytes_moved", "flops", "error"]
+    with open(path, "w", newline="") as f:
+        f.write(f"# {env} op={cfg['op']} dtype={cfg['dtype']} copy_bandwidth={ceiling:.4g}\n")
+        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow(r)
+
+
+def plot(rows, env, cfg, out):
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        print("matplotlib not installed: no plots", file=sys.stderr)
+        return []
+    paths = []
+    for metric, label, scale in (("time_s", "time (ms)", 1e3),
+                                 ("peak_extra_bytes", "peak extra memory (MiB)", 1 / 2**20)):
+        fig, ax = plt.subplots(figsize=(7, 4.5))
+        for prov in dict.fromkeys(r["provider"] for r in rows):
+            for v in dict.fromkeys(r["V"] for r in rows):
+                pts = sorted((r["N"], r[metric] * scale) for r in rows
+                             if r["provider"] == prov and r["V"] == v and "error" not in r)
+                if pts:
+                    lab = prov if cfg["op"] == "feature" else f"{prov} V={v}"
+                    ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.set_xlabel("tokens N")
+        ax.set_ylabel(label)
+        ax.set_xscale("log", base=2)
+        if metric == "time_s":
+            ax.set_yscale("log")
+        ax.set_title(f"{cfg['op']} {cfg['dtype']} | {env['device']}\n"
+                     f"{env['date']} torch {env['torch']} commit {env['commit']}", fontsize=9)
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=7)
+        path = os.path.join(out, f"{cfg['op']}_{metric.split('_')[0]}.png")
+        fig.tight_layout()
+        fig.savefig(path, dpi=110)
+        plt.close(fig)
+        paths.append(path)
+    return paths
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,144 @@
+"""Benchmark problems and the providers compared on them.
+
+A spec is a plain dict (it crosses a process boundary): ``op`` ("distill", "linear",
+"feature"), ``provider``, sizes (``N``, ``V``, ``D``, ``Dt``, ``pairs``), ``dtype``, ``device``,
+``divergence``, ``temperature``, ``hard_weight``. ``build(spec)`` returns ``(run, reset,
+grad_bytes, bytes_moved, flops)``: ``run()`` does forward + backward once, ``reset()`` drops the
+gradients, ``bytes_moved`` is the HBM traffic of the ideal fused kernel (inputs read once per
+pass the divergence needs, gradient written once) and ``flops`` the matmul work, for the
+achieved-bandwidth / FLOP-rate columns.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from typing import Callable, Dict, List
+
+import torch
+import torch.nn.functional as F
+
+import fastdistill as fd
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+TWO_PASS = ("forward_kl", "reverse_kl")
+
+
+def liger_available() -> bool:
+    return importlib.util.find_spec("liger_kernel") is not None
+
+
+# ---- naive references (what a trainer writes by hand) --------------------------------------------
+
+def naive_distill(s, t, labels, divergence="forward_kl", beta=0.5, temperature=1.0,
+                  hard_weight=0.0):
+    """The usual hand-written loss: float32 log_softmax of both, the divergence, CE."""
+    T = temperature
+    lq = F.log_softmax(s.float() / T, -1)
+    lp = F.log_softmax(t.float() / T, -1)
+    if divergence == "forward_kl":
+        loss = F.kl_div(lq, lp, log_target=True, reduction="batchmean")
+    elif divergence == "reverse_kl":
+        loss = F.kl_div(lp, lq, log_target=True, reduction="batchmean")
+    elif divergence == "jsd":  # TRL's generalized_jsd_loss formulation
+        lm = torch.logsumexp(torch.stack([lq + torch.log(torch.tensor(1 - beta)),
+                                          lp + torch.log(torch.tensor(beta))]), 0)
+        loss = (beta * F.kl_div(lm, lp, log_target=True, reduction="batchmean")
+                + (1 - beta) * F.kl_div(lm, lq, log_target=True, reduction="batchmean"))
+    elif divergence == "tvd":
+        loss = 0.5 * (lp.exp() - lq.exp()).abs().sum(-1).mean()
+    else:
+        raise ValueError(f"no naive reference for {divergence}")
+    if hard_weight and labels is not None:
+        loss = loss + hard_weight * F.cross_entropy(s.float(), labels)
+    return loss
+
+
+def naive_linear(h_s, w_s, h_t, w_t, labels, **kw):
+    """Materialise both logit tensors, then the naive loss."""
+    return naive_distill(h_s @ w_s.t(), h_t @ w_t.t(), labels, **kw)
+
+
+# ---- providers -----------------------------------------------------------------------------------
+
+def distill_providers(device: str) -> List[str]:
+    names = []
+    if device == "cuda":
+        names += ["fastdistill-triton"]
+        if fd.backends.check("cuda", torch.device("cuda"))[0]:
+            names.append("fastdistill-cuda")
+    else:
+        if fd.backends.check("cpu", torch.device("cpu"))[0]:
+            names.append("fastdistill-cpu")
+    names += ["fastdistill-torch", "torch-eager", "torch-compile"]
+    if device == "cuda" and liger_available():
+        names.append("liger")
+    return names
+
+
+def _div_kw(spec):
+    return dict(divergence=spec.get("divergence", "forward_kl"), beta=spec.get("beta", 0.5),
+                temperature=spec.get("temperature", 1.0), hard_weight=spec.get("hard_weight", 0.0))
+
+
+def _build_distill(spec):
+    dev, dt = spec["device"], DTYPES[spec["dtype"]]
+    N, V = spec["N"], spec["V"]
+    g = torch.Generator(device=dev).manual_seed(0)
+    s = (torch.randn(N, V, device=dev, generator=g) * 2).to(dt).requires_grad_()
+    t = (torch.randn(N, V, device=dev, generator=g) * 2).to(dt)
+    labels = torch.randint(0, V, (N,), device=dev, generator=g)
+    kw = _div_kw(spec)
+    p = spec["provider"]
+    if p.startswith("fastdistill-"):
+        backend = p.split("-", 1)[1]
+
+        def fn():
+            return fd.distill_loss(s, t, labels, backend=backend, **kw)
+    elif p == "torch-eager":
+        def fn():
+            return naive_distill(s, t, labels, **kw)
+    elif p == "torch-compile":
+        compiled = torch.compile(naive_distill)
+
+        def fn():
+            return compiled(s, t, labels, **kw)
+    elif p == "liger":
+        fn = _liger_distill(s, t, labels, kw)
+    else:
+        raise ValueError(f"unknown provider {p!r} for op distill")
+
+    def run():
+        fn().backward()
+
+    def reset():
+        s.grad = None
+
+    e = s.element_size()
+    passes = 2 if kw["divergence"] in TWO_PASS else 3
+    moved = N * V * (passes * 2 * e + e)
+    return run, reset, N * V * e, moved, 0.0
+
+
+def _liger_distill(s, t, labels, kw):
+    """Liger-Kernel's losses take log-probabilities: the log_softmax is part of the cost."""
+    T = kw["temperature"]
+    if kw["divergence"] == "jsd":
+        from liger_kernel.transformers import LigerJSD
+        loss = LigerJSD(beta=kw["beta"])
+    elif kw["divergence"] == "forward_kl":
+        from liger_kernel.transformers import LigerKLDIVLoss
+        loss = LigerKLDIVLoss(reduction="batchmean", log_target=True)
+    else:
+        raise ValueError(f"Liger-Kernel has no {kw['divergence']}")
+    if kw["divergence"] == "jsd":
+        return lambda: loss(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1),
+                            labels)
+    return lambda: loss(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1))
+
+
+BUILDERS: Dict[str, Callable] = {"distill": _build_distill}
+PROVIDERS: Dict[str, Callable[[str], List[str]]] = {"distill": distill_providers}
+
+
+def build(spec: dict):
+    return BUILDERS[spec["op"]](spec)
