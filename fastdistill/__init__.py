@@ -4,7 +4,11 @@ Public API (see README.md and fastdistill.functional for the exact semantics)::
 
     fd.distill_loss(student_logits, teacher_logits, labels=None, *, divergence=..., ...)
     fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
+    fd.linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
+                           labels=None, *, teacher_logits=None, ..., chunk_size=None, mode="auto")
     fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
+    fd.LinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden,
+                                    teacher_weight, labels=None)
 """
 
 from fastdistill._version import __version__
@@ -12,13 +16,16 @@ from fastdistill import backends, divergences, ops  # noqa: F401  (ops registers
 from fastdistill.backends import BackendUnavailableError
 from fastdistill.divergences import DIVERGENCES
 from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
-from fastdistill.losses import DistillLoss
+from fastdistill.linear import linear_distill_loss
+from fastdistill.losses import DistillLoss, LinearDistillLoss
 
 __all__ = [
     "__version__",
     "distill_loss",
     "feature_loss",
+    "linear_distill_loss",
     "DistillLoss",
+    "LinearDistillLoss",
     "DIVERGENCES",
     "FEATURE_KINDS",
     "BackendUnavailableError",

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import tempfile
 
+import torch
 import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
@@ -21,7 +22,7 @@ from triton.compiler import ASTSource
 assert os.environ.get("TRITON_INTERPRET", "0") in ("", "0"), "unset TRITON_INTERPRET"
 
 from fastdistill.divergences import DIVERGENCE_CODES  # noqa: E402
-from fastdistill.kernels import distill, feature, scale  # noqa: E402
+from fastdistill.kernels import distill, feature, linear, scale  # noqa: E402
 
 CUOBJDUMP = os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin",
                          "cuobjdump")
@@ -48,14 +49,19 @@ def sass(cubin: bytes) -> str:
 # Integer arguments that are multiples of 16 at the reference sizes (V = 128256, D = 4096): the
 # JIT marks those, and 16-byte aligned pointers, as divisible by 16 at run time, which is what
 # lets it emit 128-bit loads; the ahead-of-time compile gets the same hints.
-DIV16 = {"s_stride", "t_stride", "g_stride", "V", "G_WIDTH", "D", "W", "h_stride", "w_stride"}
+DIV16 = {"s_stride", "t_stride", "g_stride", "V", "G_WIDTH", "D", "W", "Ds", "Dt", "hs_stride",
+         "ws_stride", "ht_stride", "wt_stride", "tlog_stride", "cols_per_split", "c0",
+         "c_width"}
 
 
-def compile_one(fn, signature, constexprs, arch, num_warps):
+def compile_one(fn, signature, constexprs, arch, options):
+    """options: num_warps, or the launch-option dict the launcher passes."""
     attrs = {(i,): [["tt.divisibility", 16]] for i, (k, v) in enumerate(signature.items())
              if v.startswith("*") or k in DIV16}
     src = ASTSource(fn=fn, signature=signature, constexprs=constexprs, attrs=attrs)
-    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options={"num_warps": num_warps})
+    if isinstance(options, int):
+        options = {"num_warps": options}
+    k = triton.compile(src, target=GPUTarget("cuda", arch, 32), options=options)
     return k.asm["cubin"]
 
 
@@ -95,14 +101,51 @@ def scale_cases(dtype):
     yield f"scale_rows[{dtype}]", scale.scale_rows_kernel, sig, {"PER_ROW": False, "BLOCK": 2048}, 4
 
 
+def linear_cases(dtype):
+    """The fused linear kernels with 16-bit inputs at their GPU tile sizes (D = 4096)."""
+    p = f"*{dtype}"
+    torch_dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[dtype]
+    tiles = [("hs_ptr", p), ("ws_ptr", p), ("bs_ptr", p), ("ht_ptr", p), ("wt_ptr", p),
+             ("bt_ptr", p), ("tlog_ptr", p), ("labels_ptr", "*i64")]
+    def flags(kernel):
+        BM, BN, BK, warps = linear._tiles(torch_dtype, kernel)
+        return {"HAS_LABELS": True, "HARD": True, "T_IS_1": False, "HAS_SB": False,
+                "HAS_TB": False, "DENSE_T": False, "S_CAP": True, "T_CAP": False,
+                "PRECISION": linear._precision(torch_dtype), "BLOCK_M": BM, "BLOCK_N": BN,
+                "BLOCK_K": BK}, linear._launch_options(warps)
+    dims = [("N", "i32"), ("V", "i32"), ("Ds", "i32"), ("Dt", "i32"), ("hs_stride", "i64"),
+            ("ws_stride", "i64"), ("ht_stride", "i64"), ("wt_stride", "i64"),
+            ("tlog_stride", "i64")]
+    sig = dict(tiles + [("stats_ptr", "*fp32"), ("part_ptr", "*fp32")] + dims +
+               [("cols_per_split", "i32"), ("n_splits", "i32"), ("inv_t", "fp32"),
+                ("s_cap", "fp32"), ("t_cap", "fp32"), ("beta", "fp32")] +
+               [(k, "constexpr") for k in ["DIV", "PASS"] + list(flags("stats")[0])])
+    fl, warps = flags("stats")
+    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5)):
+        for pas in ((1, 2) if code >= 2 else (1,)):
+            yield (f"linear_stats[{name},pass{pas},{dtype}]", linear.linear_stats_kernel, sig,
+                   dict(fl, DIV=code, PASS=pas), warps)
+    sig = dict(tiles + [("stats_ptr", "*fp32"), ("rowf_ptr", "*fp32"), ("g_ptr", p),
+                        ("g_stride", "i64"), ("c0", "i32"), ("c_width", "i32")] + dims +
+               [("inv_t", "fp32"), ("s_cap", "fp32"), ("t_cap", "fp32"), ("beta", "fp32"),
+                ("soft_scale", "fp32"), ("hard_weight", "fp32")] +
+               [(k, "constexpr") for k in ["DIV"] + list(flags("grad")[0])])
+    fl, warps = flags("grad")
+    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5)):
+        yield (f"linear_grad[{name},{dtype}]", linear.linear_grad_kernel, sig,
+               dict(fl, DIV=code), warps)
+    sig = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "div_ptr": "*fp32", "N": "i32",
+           "n_splits": "i32", "DIV": "constexpr", "PASS": "constexpr", "BLOCK_M": "constexpr"}
+    yield f"linear_finish[{dtype}]", linear.linear_finish_kernel, sig, \
+        {"DIV": 0, "PASS": 1, "BLOCK_M": 64}, 4
+
+
 def all_cases():
     for dtype in ("bf16", "fp32"):
         yield from distill_cases(dtype)
         yield from feature_cases(dtype)
         yield from scale_cases(dtype)
-    extra = getattr(sys.modules.get("fastdistill.kernels.linear"), "AOT_CASES", None)
-    if extra:
-        yield from extra()
+    yield from linear_cases("bf16")
 
 
 def main():
@@ -111,10 +154,6 @@ def main():
     ap.add_argument("--json")
     ap.add_argument("--filter", default="")
     args = ap.parse_args()
-    try:
-        import fastdistill.kernels.linear  # noqa: F401  (its fused kernels, when present)
-    except ImportError:
-        pass
     results = []
     for name, fn, sig, consts, warps in all_cases():
         if args.filter not in name:
@@ -125,10 +164,12 @@ def main():
             code = sass(cubin)
             ru.update(name=name, arch=arch,
                       hmma=("HMMA" in code), hgmma=("HGMMA" in code),
-                      ldg128=bool(re.search(r"LDG\.E\.(128|ENL2\.256)", code)))
+                      # 128-bit global loads, direct or asynchronous (cp.async into shared)
+                      ldg128=bool(re.search(r"LDG(STS)?\.E\.[\w.]*128", code)))
             results.append(ru)
             print(f"sm_{arch} {name:48s} reg={ru['reg']:3d} stack={ru['stack']} "
-                  f"local={ru['local']} ldg128={ru['ldg128']}", flush=True)
+                  f"local={ru['local']} ldg128={ru['ldg128']} hmma={ru['hmma']} "
+                  f"hgmma={ru['hgmma']}", flush=True)
     if args.json:
         with open(args.json, "w") as f:
             json.dump(results, f, indent=1)

@@ -48,6 +48,20 @@ def test_no_spills(usage):
     assert not bad, f"kernels using local memory (spills): {bad}"
 
 
+STREAMING = ("distill[", "feature[", "scale_rows[", "linear_stats[", "linear_grad[")
+
+
 def test_vectorised_loads(usage):
-    scalar = [(r["name"], r["arch"]) for r in usage if not r["ldg128"]]
+    """The kernels that stream big tensors load 128 bits at a time (linear_finish reads a few
+    floats per row and is exempt)."""
+    scalar = [(r["name"], r["arch"]) for r in usage
+              if r["name"].startswith(STREAMING) and not r["ldg128"]]
     assert not scalar, f"kernels without 128-bit global loads: {scalar}"
+
+
+def test_fused_linear_uses_tensor_cores(usage):
+    """bf16 fused linear kernels: HMMA on sm_80, warpgroup HGMMA on sm_90."""
+    fused = [r for r in usage if r["name"].startswith(("linear_stats[", "linear_grad["))]
+    assert fused
+    for r in fused:
+        assert (r["hmma"] if r["arch"] == 80 else r["hgmma"]), (r["name"], r["arch"])

@@ -1,0 +1,408 @@
+"""Fused linear distillation (mode="fused"): lm_head matmuls + divergence, no logits in memory.
+
+Forward. The grid tiles rows (BLOCK_M) x vocabulary splits; a program computes the student and
+teacher logit tiles [BLOCK_M, BLOCK_N] with tl.dot into float32 accumulators (never rounded to
+16 bits), applies bias / softcap / temperature and folds them into per-row online statistics
+(the same merge as kernels/distill.py). It writes one partial state per (row, split); a small
+kernel merges the splits of each row in a fixed order (deterministic, no atomics, no locks).
+Forward and reverse KL need this one sweep; jsd, skew_* and tvd need a second sweep over the
+same tiles for their row sums (pass 2), i.e. twice the forward GEMM work.
+
+Backward. The gradient w.r.t. the logits is recomputed tile by tile from the stored per-row
+statistics (and grad_output, folded in per row) by a fused kernel that writes it, for one
+vocabulary chunk of CHUNK_V columns at a time, into a [N, CHUNK_V] buffer in the weight dtype;
+two GEMMs per chunk then give grad_hidden (accumulated in float32) and that chunk's grad_weight.
+No [N, V] tensor exists at any point: extra memory is O(N * CHUNK_V), independent of V.
+
+GEMM work, in units of 2 * N * V * D (Ds = Dt = D): forward 2 (student + teacher), backward
+recompute 2 + grad_hidden 1 + grad_weight 1: 6 against the floor of 4 (1.5x); +2 for the pass-2
+divergences. A fully fused backward that keeps grad tiles on chip would need either atomics
+(not deterministic) or a recompute per output column block (D / BLOCK times the work) at
+D = 4096, hence the staged chunk.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from fastdistill.kernels import interpreting
+from fastdistill.kernels.distill import _merge, _pass2_terms, _rescale, _soft_grad
+
+FKL = tl.constexpr(0)
+RKL = tl.constexpr(1)
+N_STATS = 8  # partial state per (row, split): m_s, d_s, m_t, d_t, w, m_1, d_1, z_label
+NSTAT = tl.constexpr(N_STATS)
+
+
+@triton.jit
+def _tanh(x):
+    # tanh from exp: saturates cleanly at +-1 for large |x|
+    return 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
+
+
+@triton.jit
+def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols, N, V,
+                 Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, s_cap, t_cap,
+                 HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
+                 S_CAP: tl.constexpr, T_CAP: tl.constexpr, PRECISION: tl.constexpr,
+                 BLOCK_K: tl.constexpr):
+    """Student and teacher logits of the [rows x cols] tile in float32 (after bias and
+    softcap; before the temperature), and tanh(z_s / cap) for the softcap chain rule."""
+    row_in = rows < N
+    col_in = cols < V
+    ks = tl.arange(0, BLOCK_K)
+    S = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for k0 in range(0, Ds, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(hs_ptr + rows[:, None].to(tl.int64) * hs_stride + kk[None, :],
+                    mask=row_in[:, None] & (kk[None, :] < Ds), other=0.0)
+        b = tl.load(ws_ptr + cols[None, :].to(tl.int64) * ws_stride + kk[:, None],
+                    mask=col_in[None, :] & (kk[:, None] < Ds), other=0.0)
+        S = tl.dot(a, b, S, input_precision=PRECISION)
+    if HAS_SB:
+        S += tl.load(bs_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    th = S
+    if S_CAP:
+        th = _tanh(S / s_cap)
+        S = th * s_cap
+    if DENSE_T:
+        T = tl.load(tlog_ptr + rows[:, None].to(tl.int64) * tlog_stride + cols[None, :],
+                    mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
+    else:
+        T = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+        for k0 in range(0, Dt, BLOCK_K):
+            kk = k0 + ks
+            a = tl.load(ht_ptr + rows[:, None].to(tl.int64) * ht_stride + kk[None, :],
+                        mask=row_in[:, None] & (kk[None, :] < Dt), other=0.0)
+            b = tl.load(wt_ptr + cols[None, :].to(tl.int64) * wt_stride + kk[:, None],
+                        mask=col_in[None, :] & (kk[:, None] < Dt), other=0.0)
+            T = tl.dot(a, b, T, input_precision=PRECISION)
+        if HAS_TB:
+            T += tl.load(bt_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    if T_CAP:
+        T = _tanh(T / t_cap) * t_cap
+    NEG_INF: tl.constexpr = float("-inf")
+    S = tl.where(col_in[None, :], S, NEG_INF)
+    T = tl.where(col_in[None, :], T, NEG_INF)
+    return S, T, th
+
+
+@triton.jit
+def linear_stats_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, part_ptr,
+    N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, cols_per_split,
+    n_splits, inv_t, s_cap, t_cap, beta,
+    DIV: tl.constexpr, PASS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
+    T_IS_1: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
+    S_CAP: tl.constexpr, T_CAP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """PASS 1: partial online statistics per (row, split) -> part [N, n_splits, 8].
+    PASS 2: partial (loss, aux) sums per (row, split) from the final stats -> part [.., 2]."""
+    pid_m = tl.program_id(0)
+    split = tl.program_id(1)
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < N
+    NEG_INF: tl.constexpr = float("-inf")
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    label = tl.zeros([BLOCK_M], dtype=tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_in, other=0)
+    if PASS == 1:
+        m_s = zero + NEG_INF
+        m_t = zero + NEG_INF
+        d_s = zero
+        d_t = zero
+        w = zero
+        m_1 = zero + NEG_INF
+        d_1 = zero
+        z_lab = zero
+    else:
+        st = stats_ptr + rows.to(tl.int64) * 8
+        m_s = tl.load(st + 0, mask=row_in, other=0.0)
+        ld_s = tl.load(st + 1, mask=row_in, other=0.0)
+        m_t = tl.load(st + 2, mask=row_in, other=0.0)
+        ld_t = tl.load(st + 3, mask=row_in, other=0.0)
+        acc_l = zero
+        acc_a = zero
+    c_begin = split * cols_per_split
+    for n0 in range(c_begin, c_begin + cols_per_split, BLOCK_N):
+        cols = n0 + tl.arange(0, BLOCK_N)
+        S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
+                                cols, N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
+                                tlog_stride, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T, S_CAP,
+                                T_CAP, PRECISION, BLOCK_K)
+        a = S * inv_t
+        b = T * inv_t
+        if PASS == 1:
+            cm_s = tl.max(a, axis=1)
+            cm_t = tl.max(b, axis=1)
+            e_s = tl.where(a == NEG_INF, 0.0, tl.exp(a - cm_s[:, None]))
+            e_t = tl.where(b == NEG_INF, 0.0, tl.exp(b - cm_t[:, None]))
+            cw = zero
+            if DIV == FKL:
+                wt = tl.where(a == NEG_INF, float("inf"),
+                              e_t * ((b - cm_t[:, None]) - (a - cm_s[:, None])))
+                cw = tl.sum(tl.where(b == NEG_INF, 0.0, wt), axis=1)
+            elif DIV == RKL:
+                wt = tl.where(b == NEG_INF, float("inf"),
+                              e_s * ((a - cm_s[:, None]) - (b - cm_t[:, None])))
+                cw = tl.sum(tl.where(a == NEG_INF, 0.0, wt), axis=1)
+            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t,
+                                           tl.sum(e_s, axis=1), tl.sum(e_t, axis=1), cw, DIV)
+            if HARD:
+                z_lab += tl.sum(tl.where(cols[None, :] == label[:, None], S, 0.0), axis=1)
+                if not T_IS_1:
+                    cm = tl.max(S, axis=1)
+                    cd = tl.sum(tl.where(S == NEG_INF, 0.0, tl.exp(S - cm[:, None])), axis=1)
+                    m_new = tl.maximum(m_1, cm)
+                    d_1 = _rescale(m_1, m_new) * d_1 + _rescale(cm, m_new) * cd
+                    m_1 = m_new
+        else:
+            lt, qh = _pass2_terms((a - m_s[:, None]) - ld_s[:, None],
+                                  (b - m_t[:, None]) - ld_t[:, None], beta, DIV)
+            # columns >= V are -inf on both sides: their terms are exactly 0
+            acc_l += tl.sum(lt, axis=1)
+            acc_a += tl.sum(qh, axis=1)
+    p = part_ptr + (rows.to(tl.int64) * n_splits + split) * NSTAT
+    if PASS == 1:
+        tl.store(p + 0, m_s, mask=row_in)
+        tl.store(p + 1, d_s, mask=row_in)
+        tl.store(p + 2, m_t, mask=row_in)
+        tl.store(p + 3, d_t, mask=row_in)
+        tl.store(p + 4, w, mask=row_in)
+        tl.store(p + 5, m_1, mask=row_in)
+        tl.store(p + 6, d_1, mask=row_in)
+        tl.store(p + 7, z_lab, mask=row_in)
+    else:
+        tl.store(p + 0, acc_l, mask=row_in)
+        tl.store(p + 1, acc_a, mask=row_in)
+
+
+@triton.jit
+def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, DIV: tl.constexpr,
+                         PASS: tl.constexpr, BLOCK_M: tl.constexpr):
+    """Merges the splits of each row in a fixed order.
+    PASS 1: stats [N, 8] = (m_s, ld_s, m_t, ld_t, aux, m_1, ld_1, z_label) and div [N] (the
+            divergence for forward / reverse KL; reverse KL's aux is its divergence).
+    PASS 2: stats[:, 4] = aux and div = the divergence (sums over the splits)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_in = rows < N
+    NEG_INF: tl.constexpr = float("-inf")
+    zero = tl.zeros([BLOCK_M], dtype=tl.float32)
+    base = part_ptr + rows.to(tl.int64) * n_splits * NSTAT
+    st = stats_ptr + rows.to(tl.int64) * 8
+    if PASS == 1:
+        m_s = zero + NEG_INF
+        m_t = zero + NEG_INF
+        d_s = zero
+        d_t = zero
+        w = zero
+        m_1 = zero + NEG_INF
+        d_1 = zero
+        z_lab = zero
+        for sp in range(0, n_splits):
+            p = base + sp * NSTAT
+            m_s, m_t, d_s, d_t, w = _merge(
+                m_s, m_t, d_s, d_t, w,
+                tl.load(p + 0, mask=row_in, other=NEG_INF),
+                tl.load(p + 2, mask=row_in, other=NEG_INF),
+                tl.load(p + 1, mask=row_in, other=0.0), tl.load(p + 3, mask=row_in, other=0.0),
+                tl.load(p + 4, mask=row_in, other=0.0), DIV)
+            cm = tl.load(p + 5, mask=row_in, other=NEG_INF)
+            m_new = tl.maximum(m_1, cm)
+            d_1 = _rescale(m_1, m_new) * d_1 + \
+                _rescale(cm, m_new) * tl.load(p + 6, mask=row_in, other=0.0)
+            m_1 = m_new
+            z_lab += tl.load(p + 7, mask=row_in, other=0.0)
+        ld_s = tl.log(d_s)
+        ld_t = tl.log(d_t)
+        div = zero
+        if DIV == FKL:
+            div = w / d_t - ld_t + ld_s
+        elif DIV == RKL:
+            div = w / d_s - ld_s + ld_t
+        tl.store(st + 0, m_s, mask=row_in)
+        tl.store(st + 1, ld_s, mask=row_in)
+        tl.store(st + 2, m_t, mask=row_in)
+        tl.store(st + 3, ld_t, mask=row_in)
+        tl.store(st + 4, div, mask=row_in)
+        tl.store(st + 5, m_1, mask=row_in)
+        tl.store(st + 6, tl.log(d_1), mask=row_in)
+        tl.store(st + 7, z_lab, mask=row_in)
+        tl.store(div_ptr + rows, div, mask=row_in)
+    else:
+        loss = zero
+        aux = zero
+        for sp in range(0, n_splits):
+            p = base + sp * NSTAT
+            loss += tl.load(p + 0, mask=row_in, other=0.0)
+            aux += tl.load(p + 1, mask=row_in, other=0.0)
+        tl.store(st + 4, aux, mask=row_in)
+        tl.store(div_ptr + rows, loss, mask=row_in)
+
+
+@triton.jit
+def linear_grad_kernel(
+    hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
+    g_ptr, g_stride, c0, c_width,
+    N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride,
+    inv_t, s_cap, t_cap, beta, soft_scale, hard_weight,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, T_IS_1: tl.constexpr,
+    HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
+    T_CAP: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """G[r, j - c0] = d loss / d z_s[r, j] for columns j in [c0, c0 + c_width), times the per-row
+    factor rowf (grad_output x reduction scale, 0 for ignored rows)."""
+    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < N
+    S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols,
+                            N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
+                            tlog_stride, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T, S_CAP, T_CAP,
+                            PRECISION, BLOCK_K)
+    st = stats_ptr + rows.to(tl.int64) * 8
+    m_s = tl.load(st + 0, mask=row_in, other=0.0)
+    ld_s = tl.load(st + 1, mask=row_in, other=0.0)
+    m_t = tl.load(st + 2, mask=row_in, other=0.0)
+    ld_t = tl.load(st + 3, mask=row_in, other=0.0)
+    aux = tl.load(st + 4, mask=row_in, other=0.0)
+    f = tl.load(rowf_ptr + rows, mask=row_in, other=0.0)
+    lq = (S * inv_t - m_s[:, None]) - ld_s[:, None]
+    g = (f * soft_scale * inv_t)[:, None] * _soft_grad(lq, (T * inv_t - m_t[:, None]) - ld_t[:, None],
+                                                      beta, aux[:, None], DIV)
+    if HARD:
+        label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
+        if T_IS_1:
+            q1 = tl.exp(lq)
+        else:
+            m_1 = tl.load(st + 5, mask=row_in, other=0.0)
+            ld_1 = tl.load(st + 6, mask=row_in, other=0.0)
+            q1 = tl.exp((S - m_1[:, None]) - ld_1[:, None])
+        g += (f * hard_weight)[:, None] * (q1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
+    if S_CAP:
+        g = g * (1.0 - th * th)
+    g = tl.where((cols < V)[None, :] & row_in[:, None], g, 0.0)
+    out = g_ptr + rows[:, None].to(tl.int64) * g_stride + (cols - c0)[None, :]
+    tl.store(out, g.to(g_ptr.dtype.element_ty),
+             mask=row_in[:, None] & ((cols - c0) < c_width)[None, :])
+
+
+# ---- launchers ------------------------------------------------------------------------------------
+
+def _tiles(dtype, kernel="grad"):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps). The stats kernel keeps two accumulators and the
+    online-softmax temporaries live at once, so it takes half the vocabulary tile of the grad
+    kernel to stay within the register file (checked: no spills, tests/test_aot.py)."""
+    if interpreting():
+        return 16, 32, 16, 4  # small, so interpreter tests stay quick
+    if dtype == torch.float32:
+        return 64, 64 if kernel == "grad" else 32, 32, 4
+    return 64, 128 if kernel == "grad" else 64, 64, 8
+
+
+def _launch_options(warps):
+    # ptxas otherwise targets two CTAs per SM for some variants (128 registers) and spills;
+    # one 256-thread CTA per SM can use up to 255 registers
+    return {"num_warps": warps} if interpreting() else {"num_warps": warps, "maxnreg": 255}
+
+
+def _precision(dtype):
+    # float32 inputs keep float32 accuracy on tensor cores (3xTF32); 16-bit inputs are exact
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+class _Problem:
+    """Flattened tensors and options of one fused call."""
+
+    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, opts, V, s_cap, t_cap):
+        c = lambda x: None if x is None else x.contiguous()  # noqa: E731
+        self.h_s, self.w_s, self.b_s = c(h_s), c(w_s), c(b_s)
+        self.h_t, self.w_t, self.b_t = c(h_t), c(w_t), c(b_t)
+        self.t_logits = t_logits if t_logits is None or t_logits.stride(-1) == 1 \
+            else t_logits.contiguous()
+        self.labels = c(labels)
+        self.opts, self.V, self.s_cap, self.t_cap = opts, V, s_cap, t_cap
+        self.N, self.Ds = self.h_s.shape
+        self.Vs = self.w_s.shape[0]
+        self.Dt = self.h_t.shape[1] if self.h_t is not None else 1
+        any_ = self.h_s
+        self.dummy = torch.empty(1, device=any_.device, dtype=any_.dtype)
+
+    def args(self):
+        d = self.dummy
+        t = self.t_logits
+        return (self.h_s, self.w_s, self.b_s if self.b_s is not None else d,
+                self.h_t if self.h_t is not None else d, self.w_t if self.w_t is not None else d,
+                self.b_t if self.b_t is not None else d, t if t is not None else d)
+
+    def strides(self):
+        return (self.h_s.stride(0), self.w_s.stride(0),
+                self.h_t.stride(0) if self.h_t is not None else 0,
+                self.w_t.stride(0) if self.w_t is not None else 0,
+                self.t_logits.stride(0) if self.t_logits is not None else 0)
+
+    def flags(self):
+        o = self.opts
+        return dict(DIV=o.kernel_code, HAS_LABELS=self.labels is not None,
+                    HARD=self.labels is not None and o.hard_weight != 0.0,
+                    T_IS_1=o.temperature == 1.0, HAS_SB=self.b_s is not None,
+                    HAS_TB=self.b_t is not None, DENSE_T=self.t_logits is not None,
+                    S_CAP=self.s_cap is not None, T_CAP=self.t_cap is not None,
+                    PRECISION=_precision(self.h_s.dtype))
+
+
+def forward_stats(P: _Problem):
+    """Per-row statistics [N, 8] and per-row losses [N] (0 at ignored rows)."""
+    o = P.opts
+    dev = P.h_s.device
+    BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
+    n_rb = triton.cdiv(P.N, BM)
+    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
+    cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
+    n_splits = triton.cdiv(P.V, cols_per_split)
+    part = torch.empty(P.N, n_splits, N_STATS, dtype=torch.float32, device=dev)
+    stats = torch.empty(P.N, 8, dtype=torch.float32, device=dev)
+    div = torch.empty(P.N, dtype=torch.float32, device=dev)
+    labels = P.labels if P.labels is not None else stats
+    common = (P.N, P.V, P.Ds, P.Dt) + P.strides() + (cols_per_split, n_splits,
+                                                     1.0 / o.temperature, P.s_cap or 1.0,
+                                                     P.t_cap or 1.0, o.beta)
+    fl = P.flags()
+    linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=1,
+                                          BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                                          **_launch_options(warps), **fl)
+    FB = 64 if not interpreting() else 16
+    linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits,
+                                                  DIV=fl["DIV"], PASS=1, BLOCK_M=FB)
+    if fl["DIV"] not in (0, 1):  # jsd, skew_*, tvd: second sweep for the loss and aux sums
+        linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=2,
+                                              BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                                              **_launch_options(warps), **fl)
+        linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits,
+                                                      DIV=fl["DIV"], PASS=2, BLOCK_M=FB)
+    rows = o.soft_scale * div
+    if fl["HARD"]:
+        lab = P.labels
+        ok = (lab >= 0) & (lab < P.V)
+        # CE = LSE - z[label] = (m - z[label]) + log d
+        ce = (stats[:, 0] - stats[:, 7]) + stats[:, 1] if fl["T_IS_1"] else \
+            (stats[:, 5] - stats[:, 7]) + stats[:, 6]
+        rows = rows + o.hard_weight * torch.where(ok, ce, torch.full_like(ce, float("nan")))
+    if P.labels is not None:
+        rows = torch.where(P.labels != o.ignore_index, rows, torch.zeros_like(rows))
+    return stats, rows
+
+
+def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
+    """out [N, width] = gradient w.r.t. the student logits of columns [c0, c0 + width)."""
+    o = P.opts
+    BM, BN, BK, warps = _tiles(P.h_s.dtype)
+    labels = P.labels if P.labels is not None else stats
+    linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
+        *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
+        P.N, P.V, P.Ds, P.Dt, *P.strides(), 1.0 / o.temperature, P.s_cap or 1.0, P.t_cap or 1.0,
+        o.beta, o.soft_scale, o.hard_weight,
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())
