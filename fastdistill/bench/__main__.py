@@ -31,8 +31,10 @@ PRESETS = {
     "cpu-logits": dict(op="distill", device="cpu", dtype="fp32", N=[4096], V=[65536],
                        providers=["fastdistill-cpu", "torch-eager"]),
     # fused linear loss against materialised logits (target: <= 25% time, <= 5% memory)
+    # (jsd with hard labels, the loss Liger's chunked torch.compile implementation computes)
     "cpu-linear": dict(op="linear", device="cpu", dtype="fp32", N=[4096], V=[65536], D=256,
-                       providers=["fastdistill-chunked", "torch-eager", "liger-chunked"]),
+                       providers=["fastdistill-chunked", "torch-eager", "liger-chunked"],
+                       divergence="jsd", hard_weight=0.5, soft_weight=0.5),
     "cpu-feature": dict(op="feature", device="cpu", dtype="fp32", N=[2048], D=1024, pairs=4,
                         providers=["fastdistill-cpu", "fastdistill-torch", "torch-eager"]),
     "cpu-sweep": dict(op="distill", device="cpu", dtype="fp32", N=[512, 2048],
@@ -77,19 +79,21 @@ def parse(argv=None):
     ap.add_argument("--V", type=int, nargs="+", default=None, help="vocabulary sizes")
     ap.add_argument("--D", type=int, default=None, help="hidden size (linear, feature)")
     ap.add_argument("--pairs", type=int, default=None, help="layer pairs (feature)")
-    ap.add_argument("--divergence", default="forward_kl")
+    ap.add_argument("--divergence", default=None)
     ap.add_argument("--temperature", type=float, default=1.0)
-    ap.add_argument("--hard-weight", type=float, default=0.0)
+    ap.add_argument("--hard-weight", type=float, default=None)
+    ap.add_argument("--soft-weight", type=float, default=None)
     ap.add_argument("--providers", nargs="+", default=None)
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (CPU)")
     ap.add_argument("--out", default=os.path.join("bench", "out"))
     ap.add_argument("--no-plot", action="store_true")
     args = ap.parse_args(argv)
     cfg = dict(op="distill", device="auto", dtype=None, N=None, V=None, D=None, pairs=None,
-               providers=None)
+               providers=None, divergence="forward_kl", hard_weight=0.0, soft_weight=1.0)
     if args.preset:
         cfg.update(PRESETS[args.preset])
-    for k in ("op", "device", "dtype", "N", "V", "D", "pairs", "providers"):
+    for k in ("op", "device", "dtype", "N", "V", "D", "pairs", "providers", "divergence",
+              "hard_weight", "soft_weight"):
         if getattr(args, k) is not None:
             cfg[k] = getattr(args, k)
     if cfg["device"] == "auto":
@@ -125,7 +129,8 @@ def main(argv=None) -> int:
     ceiling = measure.copy_bandwidth(cfg["device"])
     header = (f"# fastdistill bench | {env['date']} | {env['device']} | torch {env['torch']} | "
               f"triton {env['triton']} | commit {env['commit']} | op {cfg['op']} "
-              f"{cfg['dtype']} | copy bandwidth {ceiling / 1e9:.1f} GB/s")
+              f"{cfg['dtype']} {cfg['divergence']} hard_weight={cfg['hard_weight']} | "
+              f"copy bandwidth {ceiling / 1e9:.1f} GB/s")
     print(header, flush=True)
     sizes = [(n, v) for n in cfg["N"] for v in (cfg["V"] if cfg["op"] != "feature" else [0])]
     points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
@@ -134,8 +139,9 @@ def main(argv=None) -> int:
     for i, (prov, n, v) in enumerate(points, 1):
         spec = dict(op=cfg["op"], provider=prov, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
                     pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
-                    divergence=args.divergence, temperature=args.temperature,
-                    hard_weight=args.hard_weight, repeats=args.repeats)
+                    divergence=cfg["divergence"], temperature=args.temperature,
+                    hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
+                    repeats=args.repeats)
         print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
         r = run_point(spec)
         r.update(provider=prov, N=n, V=v)
@@ -164,7 +170,8 @@ def format_table(rows, ceiling, cfg) -> str:
             continue
         t = r["time_s"]
         if r.get("flops"):
-            ach = f"{r['flops'] / t / 1e12:.1f} TFLOP/s"
+            rate = r["flops"] / t
+            ach = f"{rate / 1e12:.1f} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:.1f} GFLOP/s"
         else:
             ach = f"{r['bytes_moved'] / t / 1e9:.1f} GB/s ({100 * r['bytes_moved'] / t / ceiling:.0f}%)"
         b = base.get((r["N"], r["V"]))

@@ -136,8 +136,85 @@ def _liger_distill(s, t, labels, kw):
     return lambda: loss(F.log_softmax(s.float() / T, -1), F.log_softmax(t.float() / T, -1))
 
 
-BUILDERS: Dict[str, Callable] = {"distill": _build_distill}
-PROVIDERS: Dict[str, Callable[[str], List[str]]] = {"distill": distill_providers}
+def linear_providers(device: str) -> List[str]:
+    names = ["fastdistill-chunked"]
+    if device == "cuda":
+        names.append("fastdistill-fused")
+    names += ["torch-eager", "torch-compile"]
+    if liger_available():
+        names.append("liger-chunked")
+        if device == "cuda":
+            names.append("liger")
+    return names
+
+
+def _build_linear(spec):
+    dev, dt = spec["device"], DTYPES[spec["dtype"]]
+    N, V, D, Dt = spec["N"], spec["V"], spec["D"], spec.get("Dt", spec["D"])
+    g = torch.Generator(device=dev).manual_seed(0)
+    hs = torch.randn(N, D, device=dev, generator=g).to(dt).requires_grad_()
+    ws = (torch.randn(V, D, device=dev, generator=g) * D ** -0.5).to(dt).requires_grad_()
+    ht = torch.randn(N, Dt, device=dev, generator=g).to(dt)
+    wt = (torch.randn(V, Dt, device=dev, generator=g) * Dt ** -0.5).to(dt)
+    labels = torch.randint(0, V, (N,), device=dev, generator=g)
+    kw = _div_kw(spec)
+    sw = spec.get("soft_weight", 1.0)
+    p = spec["provider"]
+    if p in ("fastdistill-chunked", "fastdistill-fused"):
+        mode = p.split("-")[1]
+
+        def fn():
+            return fd.linear_distill_loss(hs, ws, ht, wt, labels, soft_weight=sw, mode=mode,
+                                          **kw)
+    elif p in ("torch-eager", "torch-compile"):
+        f = naive_linear if p == "torch-eager" else torch.compile(naive_linear)
+
+        def fn():
+            return _weighted_naive_linear(f, hs, ws, ht, wt, labels, sw, kw)
+    elif p == "liger-chunked":  # Liger's torch.compile chunked loss (JSD with hard labels)
+        from liger_kernel.chunked_loss import LigerFusedLinearJSDLoss
+        if kw["divergence"] != "jsd":
+            raise ValueError("liger-chunked computes jsd only (use --divergence jsd)")
+        loss = LigerFusedLinearJSDLoss(weight_hard_loss=kw["hard_weight"], weight_soft_loss=sw,
+                                       beta=kw["beta"], temperature=kw["temperature"])
+
+        def fn():
+            return loss(hs, ws, ht, wt, labels)
+    elif p == "liger":
+        from liger_kernel.transformers import LigerFusedLinearJSD
+        if kw["divergence"] != "jsd" or kw["hard_weight"]:
+            raise ValueError("liger (LigerFusedLinearJSD) computes jsd without hard labels")
+        loss = LigerFusedLinearJSD(jsd_beta=kw["beta"], temperature=kw["temperature"])
+
+        def fn():
+            return loss(hs, ws, ht, wt, labels)
+    else:
+        raise ValueError(f"unknown provider {p!r} for op linear")
+
+    def run():
+        fn().backward()
+
+    def reset():
+        hs.grad = None
+        ws.grad = None
+
+    e = hs.element_size()
+    grad_bytes = (N * D + V * D) * e
+    flops = 2.0 * N * V * (3 * D + Dt)
+    return run, reset, grad_bytes, 0, flops
+
+
+def _weighted_naive_linear(f, hs, ws, ht, wt, labels, soft_weight, kw):
+    """soft_weight * divergence + hard_weight * CE, both on materialised logits."""
+    out = soft_weight * f(hs, ws, ht, wt, labels, **dict(kw, hard_weight=0.0))
+    if kw["hard_weight"]:
+        out = out + kw["hard_weight"] * F.cross_entropy((hs @ ws.t()).float(), labels)
+    return out
+
+
+BUILDERS: Dict[str, Callable] = {"distill": _build_distill, "linear": _build_linear}
+PROVIDERS: Dict[str, Callable[[str], List[str]]] = {"distill": distill_providers,
+                                                    "linear": linear_providers}
 
 
 def build(spec: dict):
