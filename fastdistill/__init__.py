@@ -5,6 +5,8 @@ Public API (see README.md and fastdistill.functional for the exact semantics)::
     fd.distill_loss(student_logits, teacher_logits, labels=None, *, divergence=..., ...)
     fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
     fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
+    fd.LayerMap.uniform(Ls, Lt) / .last(k, Ls, Lt) / .explicit(pairs, Ls, Lt)
+    fd.ProgressiveLayerDrop(...), fd.StochasticLayerDrop(...)   (layer-pair schedules)
 """
 
 from fastdistill._version import __version__
@@ -13,12 +15,17 @@ from fastdistill.backends import BackendUnavailableError
 from fastdistill.divergences import DIVERGENCES
 from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
 from fastdistill.losses import DistillLoss
+from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
 
 __all__ = [
     "__version__",
     "distill_loss",
     "feature_loss",
     "DistillLoss",
+    "LayerMap",
+    "LayerSchedule",
+    "ProgressiveLayerDrop",
+    "StochasticLayerDrop",
     "DIVERGENCES",
     "FEATURE_KINDS",
     "BackendUnavailableError",
