@@ -5,6 +5,8 @@ Public API (see README.md and fastdistill.functional for the exact semantics)::
     fd.distill_loss(student_logits, teacher_logits, labels=None, *, divergence=..., ...)
     fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
     fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
+    fd.FeatureDistillLoss(layer_map, student_dims, teacher_dims, ...)(student_hidden_states,
+                                                                      teacher_hidden_states)
     fd.LayerMap.uniform(Ls, Lt) / .last(k, Ls, Lt) / .explicit(pairs, Ls, Lt)
     fd.ProgressiveLayerDrop(...), fd.StochasticLayerDrop(...)   (layer-pair schedules)
 """
@@ -16,12 +18,14 @@ from fastdistill.divergences import DIVERGENCES
 from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
 from fastdistill.losses import DistillLoss
 from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
+from fastdistill.feature_distill import FeatureDistillLoss
 
 __all__ = [
     "__version__",
     "distill_loss",
     "feature_loss",
     "DistillLoss",
+    "FeatureDistillLoss",
     "LayerMap",
     "LayerSchedule",
     "ProgressiveLayerDrop",
