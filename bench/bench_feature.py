@@ -9,7 +9,8 @@ Every (variant, dtype) runs in fresh subprocesses (on CPU one for the time, one 
 so one measurement's caches and allocator state do not leak into the next. Reported per variant:
 
 - time: median of forward + backward (CPU: ``time.perf_counter`` over --reps runs after a
-  warm-up; GPU: ``triton.testing.do_bench``, median).
+  warm-up, and their minimum, the run least disturbed by other work on the machine; GPU:
+  ``triton.testing.do_bench``, median).
 - peak extra memory: the most memory in use during one forward + backward beyond the inputs
   (the student gradients, 4 x N x D, are included: they are part of every variant's output).
   GPU: ``torch.cuda.max_memory_allocated() - memory_allocated()`` before the call. CPU: peak RSS
@@ -130,6 +131,7 @@ def worker(args) -> dict:
             run()
             times.append(time.perf_counter() - t0)
         out["ms"] = statistics.median(times) * 1e3
+        out["min_ms"] = min(times) * 1e3
     return out
 
 
@@ -161,6 +163,10 @@ def _describe(device: str) -> str:
     return f"{os.cpu_count()}-core CPU ({model})"
 
 
+def _load() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
+
+
 def _commit() -> str:
     try:
         c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
@@ -174,14 +180,13 @@ def _commit() -> str:
 
 def table(rows, device: str, ceiling=None) -> str:
     gpu = device == "cuda"
-    head = "| dtype | variant | median ms | peak extra MiB |" + (" GB/s |" if gpu else "")
-    lines = [head, "|" + " --- |" * (5 if gpu else 4)]
+    head = "| dtype | variant | median ms |" + (" GB/s |" if gpu else " min ms |") \
+        + " peak extra MiB |"
+    lines = [head, "|" + " --- |" * 5]
     for r in rows:
         mem = f"{r['peak_extra_mib']:.1f}" if "peak_extra_mib" in r else "n/a"
-        line = f"| {r['dtype']} | {r['variant']} | {r['ms']:.3f} | {mem} |"
-        if gpu:
-            line += f" {r['gbps']:.0f} |"
-        lines.append(line)
+        extra = f"{r['gbps']:.0f}" if gpu else f"{r['min_ms']:.3f}"
+        lines.append(f"| {r['dtype']} | {r['variant']} | {r['ms']:.3f} | {extra} | {mem} |")
     if ceiling:
         lines.append(f"\ndevice copy bandwidth (ceiling): {ceiling:.0f} GB/s")
     return "\n".join(lines)
@@ -214,7 +219,7 @@ def main(argv=None):
             sys.exit("--device cuda needs a CUDA GPU; none is available here")
     dtypes = (args.dtypes or ("bf16" if gpu else "fp32,bf16")).split(",")
     # other work on the machine skews CPU timings: recorded next to the figures
-    load = " ".join(f"{x:.2f}" for x in os.getloadavg())
+    load = _load()
     rows = []
     # CPU: time with the default allocator, memory in a second process with mmap for every
     # large block (see the module doc); GPU: one process measures both
@@ -245,7 +250,7 @@ def main(argv=None):
             f.write(f"\n## feature distillation, 4 pairs, MSE fwd+bwd, N={args.n}, D={args.d}\n\n"
                     f"- date: {datetime.date.today().isoformat()}\n"
                     f"- device: {_describe(args.device)}\n"
-                    f"- load average before the run: {load}\n"
+                    f"- load average (1, 5, 15 min) before / after: {load} / {_load()}\n"
                     f"- commit: {_commit()}\n"
                     f"- command: `{cmd}`\n\n{text}\n")
 
