@@ -10,7 +10,8 @@ so one measurement's caches and allocator state do not leak into the next. Repor
 
 - time: median of forward + backward (CPU: ``time.perf_counter`` over --reps runs after a
   warm-up, and their minimum, the run least disturbed by other work on the machine; GPU:
-  ``triton.testing.do_bench``, median).
+  ``triton.testing.do_bench``, median). CPU also reports the median process CPU time (all
+  threads): with ``--threads 1`` it is the work done, whatever else runs on the machine.
 - peak extra memory: the most memory in use during one forward + backward beyond the inputs
   (the student gradients, 4 x N x D, are included: they are part of every variant's output).
   GPU: ``torch.cuda.max_memory_allocated() - memory_allocated()`` before the call. CPU: peak RSS
@@ -88,6 +89,8 @@ def make_step(variant: str, dtype, D: int):
 def worker(args) -> dict:
     import torch
 
+    if args.threads:
+        torch.set_num_threads(args.threads)
     dtype = getattr(torch, DTYPES[args.dtype])
     dev = torch.device(args.device)
     N, D = args.n, args.d
@@ -125,13 +128,15 @@ def worker(args) -> dict:
             step(s_hs, t_hs)
             out["peak_extra_mib"] = (_status_kib("VmHWM") - base) / 1024
     else:
-        times = []
+        times, cpu = [], []
         for _ in range(args.reps):
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             run()
             times.append(time.perf_counter() - t0)
+            cpu.append(time.process_time() - c0)
         out["ms"] = statistics.median(times) * 1e3
         out["min_ms"] = min(times) * 1e3
+        out["cpu_ms"] = statistics.median(cpu) * 1e3
     return out
 
 
@@ -180,12 +185,12 @@ def _commit() -> str:
 
 def table(rows, device: str, ceiling=None) -> str:
     gpu = device == "cuda"
-    head = "| dtype | variant | median ms |" + (" GB/s |" if gpu else " min ms |") \
+    head = "| dtype | variant | median ms |" + (" GB/s |" if gpu else " min ms | CPU ms |") \
         + " peak extra MiB |"
-    lines = [head, "|" + " --- |" * 5]
+    lines = [head, "|" + " --- |" * (5 if gpu else 6)]
     for r in rows:
         mem = f"{r['peak_extra_mib']:.1f}" if "peak_extra_mib" in r else "n/a"
-        extra = f"{r['gbps']:.0f}" if gpu else f"{r['min_ms']:.3f}"
+        extra = f"{r['gbps']:.0f}" if gpu else f"{r['min_ms']:.3f} | {r['cpu_ms']:.3f}"
         lines.append(f"| {r['dtype']} | {r['variant']} | {r['ms']:.3f} | {extra} | {mem} |")
     if ceiling:
         lines.append(f"\ndevice copy bandwidth (ceiling): {ceiling:.0f} GB/s")
@@ -200,6 +205,7 @@ def main(argv=None):
     ap.add_argument("--dtypes", default=None, help="comma list of fp32,bf16 (CPU both, GPU bf16)")
     ap.add_argument("--variants", default=",".join(VARIANTS))
     ap.add_argument("--reps", type=int, default=20, help="timed runs on CPU")
+    ap.add_argument("--threads", type=int, default=0, help="torch CPU threads (0: default)")
     ap.add_argument("--append", help="append the table, with date, device, commit and command, "
                                      "to this markdown file")
     ap.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
@@ -231,7 +237,8 @@ def main(argv=None):
             for measure, extra_env in runs:
                 cmd = [sys.executable, os.path.abspath(__file__), "--worker", "--variant", v,
                        "--dtype", dt, "--device", args.device, "--n", str(args.n), "--d",
-                       str(args.d), "--reps", str(args.reps), "--measure", measure]
+                       str(args.d), "--reps", str(args.reps), "--threads", str(args.threads),
+                       "--measure", measure]
                 res = subprocess.run(cmd, capture_output=True, text=True,
                                      env=dict(os.environ, **extra_env))
                 if res.returncode != 0:
