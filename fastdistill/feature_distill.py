@@ -26,9 +26,10 @@ PROJECTION_INITS = ("identity", "orthogonal", "xavier", "default")
 # fuse="auto" concatenates direct pairs only while each pair's student hidden state is at most
 # this many bytes: the concatenation copies every pair (4 extra bytes moved per byte of student
 # state: read + write of student and teacher) to save one launch per pair, which pays only for
-# small states. CPU: measured crossover between 256 KiB and 1 MiB per pair on 2 cores (fused
-# 491 vs 732 us at 256 KiB, 3.2 vs 1.1 ms at 1 MiB, 4 pairs fp32). CUDA: estimated as launch
-# overhead (~5 us) x bandwidth (~3 TB/s) / 4, not yet measured (bench/bench_feature.py does).
+# small states. CPU (bench/RESULTS.md, 4 fp32 pairs, one thread, CPU ms fused vs per pair):
+# 0.43 vs 0.76 at 128 KiB, 0.67 vs 0.92 at 256 KiB (1.08 vs 0.89 in a noisier run), 2.6 vs
+# 2.0 at 1 MiB, 27.6 vs 7.5 at 4 MiB. CUDA: estimated as launch overhead (~5 us) x bandwidth
+# (~3 TB/s) / 4, not yet measured (bench/bench_feature.py --device cuda does).
 FUSE_MAX_BYTES = {"cpu": 256 << 10, "cuda": 4 << 20}
 
 
