@@ -172,12 +172,15 @@ def _load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
-def _commit() -> str:
+def _commit(results_file=None) -> str:
+    """HEAD, with +dirty when tracked files other than the results file changed."""
     try:
         c = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True,
                            text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
-                               capture_output=True, text=True).stdout.strip()
+        cmd = ["git", "status", "--porcelain", "--untracked-files=no", "--", "."]
+        if results_file:
+            cmd.append(f":(exclude){os.path.abspath(results_file)}")
+        dirty = subprocess.run(cmd, capture_output=True, text=True).stdout.strip()
         return c + ("+dirty" if dirty else "")
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
@@ -258,7 +261,7 @@ def main(argv=None):
                     f"- date: {datetime.date.today().isoformat()}\n"
                     f"- device: {_describe(args.device)}\n"
                     f"- load average (1, 5, 15 min) before / after: {load} / {_load()}\n"
-                    f"- commit: {_commit()}\n"
+                    f"- commit: {_commit(args.append)}\n"
                     f"- command: `{cmd}`\n\n{text}\n")
 
 
