@@ -9,6 +9,10 @@ Public API (see README.md and fastdistill.functional for the exact semantics)::
     fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
     fd.LinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden,
                                     teacher_weight, labels=None)
+    fd.FeatureDistillLoss(layer_map, student_dims, teacher_dims, ...)(student_hidden_states,
+                                                                      teacher_hidden_states)
+    fd.LayerMap.uniform(Ls, Lt) / .last(k, Ls, Lt) / .explicit(pairs, Ls, Lt)
+    fd.ProgressiveLayerDrop(...), fd.StochasticLayerDrop(...)   (layer-pair schedules)
 """
 
 from fastdistill._version import __version__
@@ -18,6 +22,9 @@ from fastdistill.divergences import DIVERGENCES
 from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
 from fastdistill.linear import linear_distill_loss
 from fastdistill.losses import DistillLoss, LinearDistillLoss
+from fastdistill.losses import DistillLoss
+from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
+from fastdistill.feature_distill import FeatureDistillLoss
 
 __all__ = [
     "__version__",
@@ -26,6 +33,11 @@ __all__ = [
     "linear_distill_loss",
     "DistillLoss",
     "LinearDistillLoss",
+    "FeatureDistillLoss",
+    "LayerMap",
+    "LayerSchedule",
+    "ProgressiveLayerDrop",
+    "StochasticLayerDrop",
     "DIVERGENCES",
     "FEATURE_KINDS",
     "BackendUnavailableError",

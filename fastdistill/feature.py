@@ -32,7 +32,10 @@ def projection_params(projection, ds: int, dt: int, device: torch.device):
 
 
 def projected_feature_loss(student, teacher, projection, kind: int, mask, reduction: str,
-                           backend: str, chunk_size=None) -> torch.Tensor:
+                           backend: str, chunk_size=None, coef: float = 1.0) -> torch.Tensor:
+    """``coef * feature_loss(student, teacher, projection=...)`` with ``mask`` flattened to
+    ``[N]``. ``coef`` is folded into the gradient scale (or the per-row factors) in float32,
+    so a 16-bit student gradient is rounded once."""
     lead = student.shape[:-1]
     ds, dt = student.shape[-1], teacher.shape[-1]
     weight, bias = projection_params(projection, ds, dt, student.device)
@@ -40,6 +43,8 @@ def projected_feature_loss(student, teacher, projection, kind: int, mask, reduct
     N = s2.shape[0]
     valid = mask.sum() if mask is not None else None
     scale = reduction_scale(reduction, N, valid, None, student.device)
+    if coef != 1.0 and reduction != "none":
+        scale = scale * coef
     impl = backends.get(backend)
 
     def row_fn(r0, r1, z, need_grad, grad_scale):
@@ -49,7 +54,10 @@ def projected_feature_loss(student, teacher, projection, kind: int, mask, reduct
     chunk = chunk_size or default_chunk(N, max(ds, dt), student.device)
     per_row = reduction == "none"
     loss = chunked_linear_loss(s2, weight, bias, row_fn, chunk, None, per_row, scale)
-    return loss.reshape(lead) if per_row else loss
+    if not per_row:
+        return loss
+    # backward passes coef * grad_output as the per-row factors (applied in float32)
+    return (loss * coef if coef != 1.0 else loss).reshape(lead)
 
 
 def reference_feature_loss(student, teacher, kind="mse", mask=None, projection=None,
