@@ -1,13 +1,15 @@
-// Device helpers shared by the .cu files: element I/O in units of 8 columns, block reductions,
-// and the error reporting of the launchers. Included by .cu files only (needs nvcc).
+// Device helpers shared by the .cu files: element I/O in units of N columns, block reductions,
+// and the error reporting of the launchers. Included by .cu files only (needs nvcc, or the host
+// emulation of tests/cuda_emu/).
 //
-// Units. A thread always owns the same columns of a row: unit u covers columns [8u, 8u + 8)
-// and thread `tid` of a block of `nt` threads takes units tid, tid + nt, tid + 2 nt, ... in that
-// order. A unit is loaded with 16-byte vector instructions (one for 16-bit types, two for
-// float32) when the row bases are 16-byte aligned and the unit lies inside the row, and with
-// scalar loads otherwise (odd row strides, the row's last partial unit). Both paths give the
-// same values to the same thread in the same order, so results do not depend on the alignment
-// of a row (row r of a batch equals the same row passed on its own, bitwise).
+// Units. A thread always owns the same columns of a row: unit u covers columns [N u, N u + N)
+// (N = 16 bytes of the student: 4 float32 or 8 16-bit values) and thread `tid` of a block of
+// `nt` threads takes units tid, tid + nt, tid + 2 nt, ... in that order. A unit is loaded with
+// vector instructions (16 bytes, or 8 / 32 for a teacher of another width) when the row bases
+// are 16-byte aligned and the unit lies inside the row, and with scalar loads otherwise (odd
+// row strides or offsets, the row's last partial unit). Both paths give the same values to the
+// same thread in the same order, so results do not depend on the alignment of a row (row r of
+// a batch equals the same row passed on its own, bitwise).
 #pragma once
 
 #include <cuda_bf16.h>
@@ -228,8 +230,10 @@ __device__ __forceinline__ T warp_sum(T x) {
   return x;  // complete in lane 0
 }
 
-// Sums of N values over the block, returned to every thread. `sm` holds 32 * N + N values and
-// must not be in use by another reduction that some thread may still be reading.
+// Sums of N values over the block, returned to every thread. `sm` holds 32 * N + N values:
+// partials in the first 32 N, results in the last N, each written only after a barrier that
+// every reader of the other passed, so back-to-back block_sum calls with the same N may share
+// `sm` (with a different N the two regions would overlap: give each N its own array).
 template <int N, typename T>
 __device__ __forceinline__ void block_sum(T (&x)[N], T* sm) {
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
