@@ -12,15 +12,18 @@ Environment:
   FASTDISTILL_BUILD_EXT=0      skip the extension (torch and triton backends only)
   FASTDISTILL_CUDA=0           skip the CUDA sources even when nvcc exists
   FASTDISTILL_CUDA_ARCHS       e.g. "80;90" or "90"; a trailing "+PTX" on one entry also embeds PTX
-  FASTDISTILL_BUILD_JOBS       ninja parallelism (default: number of CPUs)
+  FASTDISTILL_BUILD_JOBS       parallel compile jobs (default: number of CPUs)
+  FASTDISTILL_BUILD_NINJA=0    compile without ninja even when it is installed
 
 With no compiler at all the package still installs and works, and the build says once what is
 missing. Building never downloads anything.
 """
 
+import concurrent.futures
 import os
 import platform
 import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -73,16 +76,23 @@ def cudart_static(home):
     return None
 
 
-def cuda_gencode_flags():
-    archs = os.environ.get("FASTDISTILL_CUDA_ARCHS", "80;90")
-    flags = []
-    for a in re.split(r"[;, ]+", archs.strip()):
+def cuda_archs():
+    """[(arch, with_ptx)] from FASTDISTILL_CUDA_ARCHS (default 80;90)."""
+    out = []
+    for a in re.split(r"[;, ]+", os.environ.get("FASTDISTILL_CUDA_ARCHS", "80;90").strip()):
         if not a:
             continue
         ptx = a.endswith("+PTX")
         a = a.replace("+PTX", "").replace(".", "")
         if not a.isdigit():
             raise ValueError(f"FASTDISTILL_CUDA_ARCHS: cannot read architecture {a!r}")
+        out.append((a, ptx))
+    return out
+
+
+def cuda_gencode_flags():
+    flags = []
+    for a, ptx in cuda_archs():
         flags.append(f"-gencode=arch=compute_{a},code=sm_{a}")
         if ptx:
             flags.append(f"-gencode=arch=compute_{a},code=compute_{a}")
@@ -128,14 +138,19 @@ class NinjaBuildExt(build_ext):
         build_dir = os.path.join(ROOT, "build", "fastdistill_C")
         os.makedirs(build_dir, exist_ok=True)
         os.makedirs(os.path.dirname(out_path), exist_ok=True)
-        has_cu = any(f.endswith(".cu") for f in os.listdir(os.path.join(ROOT, "csrc", "cuda")))
+        cu_dir = os.path.join(ROOT, "csrc", "cuda")
+        has_cu = os.path.isdir(cu_dir) and any(f.endswith(".cu") for f in os.listdir(cu_dir))
         cuda_home = find_cuda_home() if has_cu else None
         with_cuda = cuda_home is not None
 
         inc = [os.path.join(ROOT, "csrc", "include"), os.path.join(ROOT, "csrc")]
         py_inc = sysconfig.get_paths()["include"]
+        # (shell-quoted: these are ninja command lines, and the fallback splits them like a shell)
         defines = [f"-DFD_WITH_CUDA={1 if with_cuda else 0}",
                    f"-DFD_VERSION=\\\"{read_version()}\\\""]
+        if with_cuda:  # the architectures built, for the tests (module attribute cuda_archs)
+            archs = ",".join(a for a, _ in cuda_archs())
+            defines.append(f"-DFD_CUDA_ARCHS=\\\"{archs}\\\"")
         # -ffp-contract=off: see fd_fma in csrc/include/fastdistill/fast_math.h
         cflags = (["-O3", "-std=c++17", "-fPIC", "-fopenmp", "-fno-math-errno", "-fno-trapping-math",
                    "-ffp-contract=off",
@@ -214,19 +229,26 @@ class NinjaBuildExt(build_ext):
                 ninja = os.path.join(ninja_pkg.BIN_DIR, "ninja")
             except ImportError:
                 ninja = None
-        jobs = os.environ.get("FASTDISTILL_BUILD_JOBS", str(os.cpu_count() or 1))
+        if os.environ.get("FASTDISTILL_BUILD_NINJA", "1") == "0":
+            ninja = None
+        jobs = int(os.environ.get("FASTDISTILL_BUILD_JOBS", str(os.cpu_count() or 1)))
         if ninja is not None:
-            subprocess.run([ninja, "-C", build_dir, "-j", jobs], check=True)
-        else:  # sequential fallback with the same commands
-            log("ninja not found: compiling sequentially")
+            subprocess.run([ninja, "-C", build_dir, "-j", str(jobs)], check=True)
+        else:  # the same commands without ninja: every object rebuilt, `jobs` at a time
+            log(f"ninja not found (or FASTDISTILL_BUILD_NINJA=0): compiling {len(rules)} "
+                f"sources, {jobs} at a time")
+            cmds = []
             for kind, source, obj, extra in rules:
-                if kind == "cxx":
-                    cmd = [cxx] + cflags + extra + ["-c", source, "-o", os.path.join(build_dir, obj)]
-                else:
-                    cmd = [nvcc] + nvcc_flags + ["-c", source, "-o", os.path.join(build_dir, obj)]
-                subprocess.run(cmd, check=True)
+                flags = cflags + extra if kind == "cxx" else nvcc_flags
+                tool = cxx if kind == "cxx" else nvcc
+                cmds.append([tool] + shlex.split(" ".join(flags))
+                            + ["-c", source, "-o", os.path.join(build_dir, obj)])
+            with concurrent.futures.ThreadPoolExecutor(max(1, jobs)) as pool:
+                for done in pool.map(lambda c: subprocess.run(c).returncode, cmds):
+                    if done != 0:
+                        raise RuntimeError("fastdistill._C: a compile command failed (see above)")
             subprocess.run([cxx] + [os.path.join(build_dir, o) for o in objs]
-                           + ["-o", out_path] + ldflags, check=True)
+                           + ["-o", out_path] + shlex.split(" ".join(ldflags)), check=True)
 
 
 setup(

@@ -12,6 +12,9 @@
 #include "fastdistill/divergence.h"
 #if FD_WITH_CUDA
 #include "cuda/launchers.h"
+#ifndef FD_CUDA_ARCHS
+#define FD_CUDA_ARCHS ""
+#endif
 #endif
 
 namespace py = pybind11;
@@ -83,6 +86,45 @@ bool advise_hugepages(uintptr_t p, int64_t bytes) {
 #endif
 }
 
+#if FD_WITH_CUDA
+// The CUDA launchers: grad_scale (and factor) are device pointers to float32 scalars, read by the
+// kernels; `stream` is the cudaStream_t to enqueue on. Nothing here synchronises.
+int32_t distill_cuda(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
+                     int32_t t_dtype, int64_t t_stride, uintptr_t labels, uintptr_t grad,
+                     int64_t g_stride, int64_t grad_width, uintptr_t loss_rows, int64_t n_rows,
+                     int32_t divergence, float beta, float inv_temperature, float soft_scale,
+                     float hard_weight, int64_t ignore_index, int64_t vocab, uintptr_t grad_scale,
+                     uintptr_t stream) {
+  const fd::DistillParams p = make_params(divergence, beta, inv_temperature, soft_scale,
+                                          hard_weight, ignore_index, vocab);
+  py::gil_scoped_release nogil;
+  return fd::cuda::distill_rows(ptr<const void>(student), s_dtype, s_stride,
+                                ptr<const void>(teacher), t_dtype, t_stride,
+                                ptr<const int64_t>(labels), ptr<void>(grad), g_stride, grad_width,
+                                ptr<float>(loss_rows), n_rows, p, ptr<const float>(grad_scale),
+                                ptr<void>(stream));
+}
+
+int32_t feature_cuda(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
+                     int32_t t_dtype, int64_t t_stride, uintptr_t mask, uintptr_t grad,
+                     int64_t g_stride, uintptr_t loss_rows, int64_t n_rows, int64_t dim,
+                     int32_t kind, uintptr_t grad_scale, uintptr_t stream) {
+  py::gil_scoped_release nogil;
+  return fd::cuda::feature_rows(ptr<const void>(student), s_dtype, s_stride,
+                                ptr<const void>(teacher), t_dtype, t_stride,
+                                ptr<const bool>(mask), ptr<void>(grad), g_stride,
+                                ptr<float>(loss_rows), n_rows, dim, kind,
+                                ptr<const float>(grad_scale), ptr<void>(stream));
+}
+
+int32_t scale_rows_cuda(uintptr_t grad, int32_t dtype, int64_t stride, int64_t n_rows,
+                        int64_t width, uintptr_t factor, bool per_row, uintptr_t stream) {
+  py::gil_scoped_release nogil;
+  return fd::cuda::scale_rows(ptr<void>(grad), dtype, stride, n_rows, width,
+                              ptr<const float>(factor), per_row, ptr<void>(stream));
+}
+#endif
+
 }  // namespace
 
 PYBIND11_MODULE(_C, m) {
@@ -94,6 +136,11 @@ PYBIND11_MODULE(_C, m) {
   m.def("feature_cpu", &feature_cpu, "feature loss and gradient, host");
   m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on a fresh buffer");
 #if FD_WITH_CUDA
-  fd::cuda::bind(m);
+  m.attr("cuda_archs") = FD_CUDA_ARCHS;  // compute capabilities with kernels, e.g. "80,90"
+  m.def("distill_cuda", &distill_cuda, "logit-level distillation loss and gradient, CUDA");
+  m.def("feature_cuda", &feature_cuda, "feature loss and gradient, CUDA");
+  m.def("scale_rows_cuda", &scale_rows_cuda, "in-place row scaling of a gradient, CUDA");
+  m.def("cuda_last_error", &fd::cuda::last_error,
+        "message of the last CUDA error returned to this thread");
 #endif
 }

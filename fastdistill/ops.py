@@ -34,8 +34,12 @@ def scale_grad_(grad: Tensor, factor: Tensor) -> None:
     if grad.is_cuda:
         try:
             from fastdistill.kernels.scale import scale_rows_
-        except ImportError:  # no triton: a plain multiply
-            grad.mul_(_rows_view(factor, grad))
+        except ImportError:  # no triton: the CUDA kernel if built, else a plain multiply
+            if backends.check("cuda", grad.device)[0] and grad.dim() == 2:
+                from fastdistill.backends.cuda_backend import scale_rows_
+                scale_rows_(grad, factor)
+            else:
+                grad.mul_(_rows_view(factor, grad))
         else:
             scale_rows_(grad, factor)
     elif not bool((factor == 1).all()):  # CPU: reading the value costs nothing

@@ -9,11 +9,18 @@ from fastdistill import backends
 from fastdistill.divergences import reference_distill_loss
 
 CPU = torch.device("cpu")
+GPU = torch.device("cuda")
 
 
 def cpu_backends():
     """Backends that run on CPU tensors here (triton through its interpreter)."""
     return [b for b in ("torch", "cpu", "triton") if backends.check(b, CPU)[0]]
+
+
+def gpu_backends():
+    """The fused backends for CUDA tensors that this installation has (tests using them carry
+    @pytest.mark.gpu and are skipped without a GPU)."""
+    return [b for b in ("cuda", "triton") if backends.check(b, GPU)[0]]
 
 
 def small(backend: str) -> bool:

@@ -1,0 +1,177 @@
+// A host emulation of the little of CUDA that csrc/cuda/ uses, so that the kernels' own source
+// runs on a machine without a GPU: a block is blockDim.x std::threads, __syncthreads is a
+// barrier over them, warp shuffles exchange values through a per-warp buffer between two warp
+// barriers, blocks run one after another (so `__shared__` can be `static`). Numbers come from the
+// host math of fastdistill/fast_math.h and dtype.h (FD_DEVICE_CODE is 0 here).
+//
+// What it checks: indexing, tails, alignment paths, reductions and their barriers (a barrier that
+// not every thread of the block reaches aborts with a message instead of hanging), aliasing
+// between the gradient and the student. What it cannot: the GPU memory model, the hardware
+// exp/log, register allocation.
+#pragma once
+
+#include <chrono>
+#include <cmath>
+#include <condition_variable>
+#include <cstdint>
+#include <cstdio>
+#include <cstdlib>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <thread>
+#include <vector>
+
+#include "fastdistill/dtype.h"
+
+#define __global__
+#define __device__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __launch_bounds__(...)
+
+struct dim3 {
+  unsigned x, y, z;
+  dim3(unsigned x_ = 1, unsigned y_ = 1, unsigned z_ = 1) : x(x_), y(y_), z(z_) {}
+};
+struct uint2 { uint32_t x, y; };
+struct uint4 { uint32_t x, y, z, w; };
+struct float2 { float x, y; };
+struct float4 { float x, y, z, w; };
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+
+inline thread_local dim3 threadIdx, blockIdx, blockDim, gridDim;
+
+// ---- 16-bit types (bits + the host conversions of dtype.h) ----
+struct __half { uint16_t x; };
+struct __half2 { uint16_t x, y; };
+struct __nv_bfloat16 { uint16_t x; };
+struct __nv_bfloat162 { uint16_t x, y; };
+inline __half __ushort_as_half(unsigned short h) { return {h}; }
+inline unsigned short __half_as_ushort(__half h) { return h.x; }
+inline float __half2float(__half h) { return fastdistill::fp16_to_float(h.x); }
+inline __half __float2half_rn(float f) { return {fastdistill::float_to_fp16(f)}; }
+inline float2 __half22float2(__half2 h) {
+  return {fastdistill::fp16_to_float(h.x), fastdistill::fp16_to_float(h.y)};
+}
+inline __half2 __floats2half2_rn(float lo, float hi) {
+  return {fastdistill::float_to_fp16(lo), fastdistill::float_to_fp16(hi)};
+}
+inline __nv_bfloat16 __float2bfloat16_rn(float f) { return {fastdistill::float_to_bf16(f)}; }
+inline unsigned short __bfloat16_as_ushort(__nv_bfloat16 h) { return h.x; }
+inline __nv_bfloat162 __floats2bfloat162_rn(float lo, float hi) {
+  return {fastdistill::float_to_bf16(lo), fastdistill::float_to_bf16(hi)};
+}
+
+inline float __uint_as_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float __fmul_rn(float a, float b) { return a * b; }  // built with -ffp-contract=off
+template <typename T>
+inline T __ldg(const T* p) { return *p; }
+
+// ---- runtime API ----
+typedef void* cudaStream_t;
+enum cudaError_t { cudaSuccess = 0, cudaErrorInvalidConfiguration = 9 };
+namespace emu {
+inline thread_local cudaError_t last_error = cudaSuccess;
+}
+inline cudaError_t cudaGetLastError() {
+  const cudaError_t e = emu::last_error;
+  emu::last_error = cudaSuccess;
+  return e;
+}
+inline const char* cudaGetErrorString(cudaError_t e) {
+  return e == cudaSuccess ? "no error" : "invalid configuration argument";
+}
+
+namespace emu {
+
+// A barrier for `n` threads that aborts instead of hanging when some thread never arrives
+// (a __syncthreads or shuffle that only part of the block reaches).
+class Barrier {
+ public:
+  explicit Barrier(int n) : n_(n) {}
+  void wait(const char* what) {
+    std::unique_lock<std::mutex> lock(m_);
+    const unsigned long gen = gen_;
+    if (++count_ == n_) {
+      count_ = 0;
+      ++gen_;
+      cv_.notify_all();
+      return;
+    }
+    if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
+      std::fprintf(stderr, "emulated %s timed out: not every thread reached it\n", what);
+      std::abort();
+    }
+  }
+
+ private:
+  std::mutex m_;
+  std::condition_variable cv_;
+  int n_, count_ = 0;
+  unsigned long gen_ = 0;
+};
+
+struct Warp {
+  Barrier bar{32};
+  uint64_t slot[32];
+};
+
+struct Block {
+  explicit Block(int n) : bar(n), warps(n / 32) {}
+  Barrier bar;
+  std::vector<Warp> warps;
+};
+
+inline thread_local Block* block = nullptr;
+
+}  // namespace emu
+
+inline void __syncthreads() { emu::block->bar.wait("__syncthreads"); }
+
+template <typename T>
+inline T __shfl_down_sync(unsigned, T v, int off) {
+  static_assert(sizeof(T) <= 8, "one slot per lane");
+  const int lane = threadIdx.x % 32;
+  emu::Warp& w = emu::block->warps[threadIdx.x / 32];
+  std::memcpy(&w.slot[lane], &v, sizeof(T));
+  w.bar.wait("warp shuffle");
+  T r = v;
+  if (lane + off < 32) std::memcpy(&r, &w.slot[lane + off], sizeof(T));
+  w.bar.wait("warp shuffle");
+  return r;
+}
+
+// kernel<<<grid, block, shmem, stream>>>(args) becomes emu_launch(grid, block, shmem, stream,
+// [&] { kernel(args); }) (tests/cuda_emu/build.py rewrites the launches).
+template <typename F>
+inline void emu_launch(dim3 grid, dim3 block, size_t, cudaStream_t, F&& body) {
+  if (block.x == 0 || block.x > 1024 || block.x % 32 != 0 || block.y != 1 || block.z != 1 ||
+      grid.x == 0 || grid.y == 0 || grid.y > 65535 || grid.z != 1) {
+    // the kernels only launch whole warps; CUDA itself would accept other block sizes, but
+    // every kernel here assumes them
+    emu::last_error = cudaErrorInvalidConfiguration;
+    return;
+  }
+  for (unsigned by = 0; by < grid.y; ++by) {
+    for (unsigned bx = 0; bx < grid.x; ++bx) {
+      emu::Block ctx(int(block.x));
+      std::vector<std::thread> threads;
+      threads.reserve(block.x);
+      for (unsigned t = 0; t < block.x; ++t) {
+        threads.emplace_back([&, t] {
+          threadIdx = dim3(t);
+          blockIdx = dim3(bx, by);
+          blockDim = block;
+          gridDim = grid;
+          emu::block = &ctx;
+          body();
+        });
+      }
+      for (auto& th : threads) th.join();
+    }
+  }
+}
