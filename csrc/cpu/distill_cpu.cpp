@@ -32,11 +32,12 @@ namespace {
 
 constexpr int kChunk = 1024;
 
-// out[i] = row[j0 + i] as float32, i < n
-void load_chunk(const void* row, int32_t dtype, int64_t j0, int n, float* __restrict out) {
-  if (dtype == kFloat32) {
-    std::memcpy(out, static_cast<const float*>(row) + j0, sizeof(float) * n);
-  } else if (dtype == kBFloat16) {
+// Columns [j0, j0 + n) of a row as float32: the row itself for float32 rows, else converted
+// into `buf`.
+const float* load_chunk(const void* row, int32_t dtype, int64_t j0, int n, float* __restrict buf) {
+  if (dtype == kFloat32) return static_cast<const float*>(row) + j0;
+  float* __restrict out = buf;
+  if (dtype == kBFloat16) {
     const uint16_t* p = static_cast<const uint16_t*>(row) + j0;
 #pragma omp simd
     for (int i = 0; i < n; ++i) out[i] = bf16_to_float(p[i]);
@@ -45,6 +46,7 @@ void load_chunk(const void* row, int32_t dtype, int64_t j0, int n, float* __rest
 #pragma omp simd
     for (int i = 0; i < n; ++i) out[i] = fp16_to_float(p[i]);
   }
+  return buf;
 }
 
 // row[j0 + i] = in[i] in `dtype`
@@ -80,6 +82,20 @@ float chunk_max(const float* __restrict x, int n, float scale) {
   return m;
 }
 
+// Both chunk maxima in one sweep.
+void chunk_max2(const float* __restrict x, const float* __restrict y, int n, float scale,
+                float& mx, float& my) {
+  float a = -fd_inf(), b = -fd_inf();
+#pragma omp simd reduction(max : a, b)
+  for (int i = 0; i < n; ++i) {
+    const float u = x[i] * scale, v = y[i] * scale;
+    a = u > a ? u : a;
+    b = v > b ? v : b;
+  }
+  mx = a;
+  my = b;
+}
+
 // Plain online log-sum-exp (the hard loss at T = 1 when T != 1).
 struct OnlineLSE {
   float m = -fd_inf();
@@ -99,8 +115,8 @@ struct OnlineLSE {
 template <int32_t DIV>
 void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_dtype, int64_t label,
                 bool has_label, void* grow, int64_t grad_width, float* loss_out,
-                const DistillParams& P, float grad_scale, float* __restrict zs,
-                float* __restrict zt, float* __restrict g) {
+                const DistillParams& P, float grad_scale, float* __restrict bs,
+                float* __restrict bt, float* __restrict g) {
   const int64_t V = P.vocab;
   const float it = P.inv_temperature;
   const bool hard = P.hard_weight != 0.0f && has_label;
@@ -117,10 +133,11 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   OnlineLSE o1;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
-    load_chunk(srow, s_dtype, j0, n, zs);
-    load_chunk(trow, t_dtype, j0, n, zt);
+    const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
+    const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
     // the chunk's own statistics, relative to its maxima, then merged into the row's
-    const float cms = chunk_max(zs, n, it), cmt = chunk_max(zt, n, it);
+    float cms, cmt;
+    chunk_max2(zs, zt, n, it, cms, cmt);
     float ds = 0.0f, dt = 0.0f, w = 0.0f;
 #pragma omp simd reduction(+ : ds, dt, w)
     for (int i = 0; i < n; ++i) {
@@ -151,8 +168,8 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     double loss = 0.0, aux = 0.0;
     for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
       const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
-      load_chunk(srow, s_dtype, j0, n, zs);
-      load_chunk(trow, t_dtype, j0, n, zt);
+      const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
+      const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
       float l = 0.0f, x = 0.0f;
       const float beta = P.beta;
 #pragma omp simd reduction(+ : l, x)
@@ -178,8 +195,8 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   const float ch = hard ? grad_scale * P.hard_weight : 0.0f;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
-    load_chunk(srow, s_dtype, j0, n, zs);
-    load_chunk(trow, t_dtype, j0, n, zt);
+    const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
+    const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
     const float beta = P.beta, aux = st.aux, m1 = st.m_1, ld1 = st.ld_1;
     if (ch != 0.0f) {
 #pragma omp simd
