@@ -34,6 +34,8 @@ build: $(STAMP)
 
 test: build
 	$(PY) -m pytest -q $(PYTEST_ARGS)
+	@# the microbenchmarks once each, as a smoke test (timings: `pytest bench`)
+	$(PY) -m pytest -q bench --benchmark-disable
 
 test-gpu: build
 	$(PY) -m pytest -q -m gpu $(PYTEST_ARGS)

@@ -85,10 +85,19 @@ fi
 tail -n 15 "$RESULTS/tests_triton.log"
 
 section "benchmarks"
+# python -m fastdistill.bench presets (fastdistill/bench/__main__.py): fastdistill's backends
+# against torch eager, torch.compile and Liger-Kernel, each preset within its time budget
 set -o pipefail
-if ! timeout 420 python3 bench/gpu_bench.py "$RESULTS" --budget 330 2>&1 | tee "$RESULTS/bench.log"; then
-  status=1
-fi
+for preset in "gpu-logits:120:forward_kl" "gpu-logits:90:jsd" "gpu-linear:120:" "gpu-feature:60:"; do
+  IFS=: read -r name budget div <<<"$preset"
+  args=(--preset "$name" --budget "$budget" --out "$RESULTS/$name${div:+-$div}" --no-plot)
+  [ -n "$div" ] && args+=(--divergence "$div")
+  if ! timeout $((budget + 120)) python3 -m fastdistill.bench "${args[@]}" 2>&1 \
+      | tee -a "$RESULTS/bench.log"; then
+    status=1
+  fi
+  cp "$RESULTS/$name${div:+-$div}/results.csv" "$RESULTS/results_$name${div:+-$div}.csv" || true
+done
 
 section "done: status $status"
 exit "$status"

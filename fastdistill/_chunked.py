@@ -10,7 +10,9 @@ Shared by linear_distill_loss (lm_head + divergence) and feature_loss with a pro
     grad_hidden[c] = G @ weight,  grad_weight += G.T @ hidden[c],  grad_bias += G.sum(0)
 
 so at most one chunk of ``[chunk, out]`` float32 logits (and the row function's own chunk
-buffers) exists at a time. grad_weight and grad_bias accumulate in float32.
+buffers) exists at a time. grad_weight and grad_bias accumulate in float32. On the float32
+path the chunk buffers are allocated once and every product is written in place (torch.mm /
+addmm with out=): on CPU a fresh buffer per chunk costs page faults comparable to the GEMM.
 
 With a scalar loss (mean / sum) the gradients are complete after the forward and backward only
 multiplies them by grad_output. With ``reduction="none"`` each row has its own grad_output, so
@@ -37,13 +39,13 @@ def tensor_core_path(weight: torch.Tensor) -> bool:
     return weight.is_cuda and weight.dtype in (torch.bfloat16, torch.float16)
 
 
-def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """a @ b with a float32 result. 16-bit CUDA inputs use the tensor cores with float32
-    output (torch.mm(..., out_dtype=float32)) where torch has it; elsewhere the inputs are
-    upcast."""
+def mm_f32(a: torch.Tensor, b: torch.Tensor, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """a @ b with a float32 result (written into `out` on the float32 path when given). 16-bit
+    CUDA inputs use the tensor cores with float32 output (torch.mm(..., out_dtype=float32))
+    where torch has it; elsewhere the inputs are upcast."""
     global _MM_OUT_DTYPE
     if a.dtype == torch.float32 and b.dtype == torch.float32:
-        return torch.mm(a, b)
+        return torch.mm(a, b, out=out) if out is not None else torch.mm(a, b)
     if a.is_cuda and a.dtype == b.dtype and a.dtype in (torch.bfloat16, torch.float16):
         if _MM_OUT_DTYPE is None:
             try:
@@ -59,9 +61,10 @@ def mm_f32(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
 def default_chunk(n_rows: int, width: int, device: torch.device, buffers: int = 3,
                   budget: Optional[int] = None) -> int:
     """Rows per chunk so that `buffers` float32 [chunk, width] tensors fit in the budget
-    (512 MiB on GPU, 64 MiB on CPU: chunks large enough to keep the GEMMs efficient)."""
+    (512 MiB on GPU, 256 MiB on CPU: chunks of a few hundred rows keep the GEMMs efficient,
+    and stay a few percent of the naive loss's memory)."""
     if budget is None:
-        budget = (512 << 20) if device.type == "cuda" else (64 << 20)
+        budget = (512 << 20) if device.type == "cuda" else (256 << 20)
     rows = budget // max(1, buffers * 4 * width)
     return int(max(1, min(n_rows, rows)))
 
@@ -122,10 +125,12 @@ def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor,
     tc = tensor_core_path(weight)
     w = weight if tc else weight.float()  # one float32 copy per sweep on the upcast path
     b = bias.float() if bias is not None else None
+    zbuf = None if tc else torch.empty(min(chunk, N), weight.shape[0], dtype=torch.float32,
+                                       device=weight.device)
     for r0 in range(0, N, chunk):
         r1 = min(N, r0 + chunk)
         h = hidden[r0:r1] if tc else hidden[r0:r1].float()
-        z = mm_f32(h, w.t())
+        z = mm_f32(h, w.t(), out=zbuf[:r1 - r0] if zbuf is not None else None)
         if b is not None:
             z += b
         th = None
@@ -141,11 +146,20 @@ def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor,
             G.mul_(row_factor[r0:r1, None])
         if th is not None:
             G.mul_(1.0 - th * th)
-        Gm = G.to(w.dtype) if tc else G
-        if g_h is not None:
-            g_h[r0:r1] = torch.mm(Gm, w).to(hidden.dtype)
-        if g_w is not None:
-            g_w += mm_f32(Gm.t(), h)
+        if tc:
+            Gm = G.to(w.dtype)
+            if g_h is not None:
+                g_h[r0:r1] = torch.mm(Gm, w)
+            if g_w is not None:
+                g_w += mm_f32(Gm.t(), h)
+        else:
+            if g_h is not None:
+                if g_h.dtype == torch.float32:
+                    torch.mm(G, w, out=g_h[r0:r1])
+                else:
+                    g_h[r0:r1] = torch.mm(G, w)
+            if g_w is not None:
+                g_w.addmm_(G.t(), h)
         if g_b is not None:
             g_b += G.sum(0)
     return [g_h, g_w, g_b]

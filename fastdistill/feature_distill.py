@@ -29,7 +29,7 @@ PROJECTION_INITS = ("identity", "orthogonal", "xavier", "default")
 # small states. CPU (bench/RESULTS.md, 4 fp32 pairs, one thread, CPU ms fused vs per pair):
 # 0.43 vs 0.76 at 128 KiB, 0.67 vs 0.92 at 256 KiB (1.08 vs 0.89 in a noisier run), 2.6 vs
 # 2.0 at 1 MiB, 27.6 vs 7.5 at 4 MiB. CUDA: estimated as launch overhead (~5 us) x bandwidth
-# (~3 TB/s) / 4, not yet measured (bench/bench_feature.py --device cuda does).
+# (~3 TB/s) / 4, not yet measured on a GPU.
 FUSE_MAX_BYTES = {"cpu": 256 << 10, "cuda": 4 << 20}
 
 

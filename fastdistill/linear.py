@@ -159,6 +159,13 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
         return loss.reshape(lead) if per_row else loss
 
     impl = backends.get(name)
+    width = max(vs, vt)
+    chunk = int(chunk_size or default_chunk(N, width, device, buffers=4))
+    # float32 teacher weights: one [chunk, Vt] buffer reused by every chunk (see _chunked.py)
+    t_w = None if t_logits is not None else \
+        (teacher_weight if teacher_weight.is_cuda and teacher_weight.dtype != torch.float32
+         else teacher_weight.float())
+    t_buf = []
 
     def teacher_chunk(r0, r1):
         with torch.no_grad():
@@ -167,7 +174,11 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                     return t_logits[r0:r1]
                 z = t_logits[r0:r1].to(torch.float32, copy=True)  # the input stays untouched
             else:
-                z = mm_f32(h_t[r0:r1], teacher_weight.t())
+                h = h_t[r0:r1] if t_w.dtype != torch.float32 else h_t[r0:r1].float()
+                if t_w.dtype == torch.float32 and not t_buf:
+                    t_buf.append(torch.empty(min(chunk, N), vt, dtype=torch.float32,
+                                             device=device))
+                z = mm_f32(h, t_w.t(), out=t_buf[0][:r1 - r0] if t_buf else None)
                 if teacher_bias is not None:
                     z += teacher_bias.float()
             if t_cap is not None:
@@ -179,10 +190,7 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
         return impl.distill_forward(z, teacher_chunk(r0, r1), lab_c, opts, V, grad_scale,
                                     need_grad, grad_out=z)
 
-    width = max(vs, vt)
-    chunk = chunk_size or default_chunk(N, width, device, buffers=4)
-    loss = chunked_linear_loss(h_s, student_weight, s_bias, row_fn, int(chunk), s_cap, per_row,
-                               scale)
+    loss = chunked_linear_loss(h_s, student_weight, s_bias, row_fn, chunk, s_cap, per_row, scale)
     return loss.reshape(lead) if per_row else loss
 
 

@@ -36,7 +36,7 @@ PRESETS = {
                        providers=["fastdistill-chunked", "torch-eager", "liger-chunked"],
                        divergence="jsd", hard_weight=0.5, soft_weight=0.5),
     "cpu-feature": dict(op="feature", device="cpu", dtype="fp32", N=[2048], D=1024, pairs=4,
-                        providers=["fastdistill-cpu", "fastdistill-torch", "torch-eager"]),
+                        providers=["fastdistill-cpu", "torch-eager", "torch-compile"]),
     "cpu-sweep": dict(op="distill", device="cpu", dtype="fp32", N=[512, 2048],
                       V=[8192, 32768]),
     "gpu-logits": dict(op="distill", device="cuda", dtype="bf16", N=[8192], V=[128256]),
@@ -87,6 +87,8 @@ def parse(argv=None):
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (CPU)")
     ap.add_argument("--out", default=os.path.join("bench", "out"))
     ap.add_argument("--no-plot", action="store_true")
+    ap.add_argument("--budget", type=float, default=None,
+                    help="seconds: points not started by then are skipped (and reported so)")
     args = ap.parse_args(argv)
     cfg = dict(op="distill", device="auto", dtype=None, N=None, V=None, D=None, pairs=None,
                providers=None, divergence="forward_kl", hard_weight=0.0, soft_weight=1.0)
@@ -143,7 +145,10 @@ def main(argv=None) -> int:
                     hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
                     repeats=args.repeats)
         print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
-        r = run_point(spec)
+        if args.budget is not None and time.time() - t_start > args.budget:
+            r = {"error": f"skipped: time budget of {args.budget:.0f}s spent"}
+        else:
+            r = run_point(spec)
         r.update(provider=prov, N=n, V=v)
         rows.append(r)
         msg = r.get("error") or (f"{r['time_s'] * 1e3:9.2f} ms  "

@@ -212,9 +212,57 @@ def _weighted_naive_linear(f, hs, ws, ht, wt, labels, soft_weight, kw):
     return out
 
 
-BUILDERS: Dict[str, Callable] = {"distill": _build_distill, "linear": _build_linear}
+def feature_providers(device: str) -> List[str]:
+    return [p for p in distill_providers(device) if p != "liger"]
+
+
+def naive_feature(students, teachers):
+    """Mean over pairs of the per-pair MSE, the obvious composition."""
+    return sum((s.float() - t.float()).pow(2).mean() for s, t in zip(students, teachers)) / \
+        len(students)
+
+
+def _build_feature(spec):
+    dev, dt = spec["device"], DTYPES[spec["dtype"]]
+    N, D, P = spec["N"], spec["D"], spec.get("pairs", 4)
+    g = torch.Generator(device=dev).manual_seed(0)
+    s = [torch.randn(N, D, device=dev, generator=g).to(dt).requires_grad_() for _ in range(P)]
+    t = [torch.randn(N, D, device=dev, generator=g).to(dt) for _ in range(P)]
+    p = spec["provider"]
+    if p.startswith("fastdistill-"):
+        backend = p.split("-", 1)[1]
+        crit = fd.FeatureDistillLoss(fd.LayerMap.explicit([(i, i) for i in range(P)], P, P),
+                                     D, D, kind="mse", backend=backend)
+        # hidden_states tuples: index 0 is the embedding output, layer i is index i + 1
+        hs, ht = [s[0]] + s, [t[0]] + t
+
+        def fn():
+            return crit(hs, ht)
+    elif p in ("torch-eager", "torch-compile"):
+        f = naive_feature if p == "torch-eager" else torch.compile(naive_feature)
+
+        def fn():
+            return f(s, t)
+    else:
+        raise ValueError(f"unknown provider {p!r} for op feature")
+
+    def run():
+        fn().backward()
+
+    def reset():
+        for x in s:
+            x.grad = None
+
+    e = s[0].element_size()
+    grad_bytes = P * N * D * e
+    return run, reset, grad_bytes, P * N * D * 3 * e, 0.0
+
+
+BUILDERS: Dict[str, Callable] = {"distill": _build_distill, "linear": _build_linear,
+                                 "feature": _build_feature}
 PROVIDERS: Dict[str, Callable[[str], List[str]]] = {"distill": distill_providers,
-                                                    "linear": linear_providers}
+                                                    "linear": linear_providers,
+                                                    "feature": feature_providers}
 
 
 def build(spec: dict):

@@ -103,10 +103,10 @@ def lr_at(step, steps, base, warmup=20):
     return base * 0.5 * (1 + math.cos(math.pi * (step - warmup) / max(1, steps - warmup)))
 
 
-def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn):
+def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn, curve=True):
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(42)  # both students see the same batches
-    curve = []
+    want_curve, points = curve, []
     bar = Progress(steps, desc)
     for step in range(steps):
         for group in opt.param_groups:
@@ -117,10 +117,10 @@ def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         opt.step()
-        if (step + 1) % cfg.eval_every == 0 or step + 1 == steps:
-            curve.append((step + 1, val_loss(model, val_data, cfg, device)))
+        if want_curve and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
+            points.append((step + 1, val_loss(model, val_data, cfg, device)))
         bar.update(loss=loss.item())
-    return curve
+    return points
 
 
 def hard_label_loss(model, x, y):
@@ -203,7 +203,7 @@ def parse(argv):
     ap.add_argument("--vocab", type=int, default=2048)
     ap.add_argument("--context", type=int, default=64)
     ap.add_argument("--batch", type=int, default=32)
-    ap.add_argument("--teacher-steps", type=int, default=600)
+    ap.add_argument("--teacher-steps", type=int, default=500)
     ap.add_argument("--student-steps", type=int, default=400)
     ap.add_argument("--eval-every", type=int, default=50)
     ap.add_argument("--eval-batches", type=int, default=16)
@@ -234,7 +234,7 @@ def main(argv=None) -> int:
     V = tok.vocab_size
     teacher = TinyLM(V, 256, 4, 4, cfg.context).to(device)
     train(teacher, train_ids, val_ids, cfg, device, cfg.teacher_steps, 2e-3, "teacher",
-          hard_label_loss)
+          hard_label_loss, curve=False)
     teacher.eval()
     for p in teacher.parameters():
         p.requires_grad_(False)
