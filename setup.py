@@ -112,25 +112,35 @@ def is_x86():
     return platform.machine().lower() in ("x86_64", "amd64")
 
 
+def skip_reason():
+    """Why fastdistill._C cannot be built here, or None."""
+    if os.environ.get("FASTDISTILL_BUILD_EXT", "1") == "0":
+        return "FASTDISTILL_BUILD_EXT=0"
+    cxx = os.environ.get("CXX", "c++")
+    if shutil.which(cxx) is None:
+        return f"no C++ compiler ({cxx!r} not found; set CXX)"
+    try:
+        import pybind11  # noqa: F401
+    except ImportError:
+        return "pybind11 is not installed"
+    return None
+
+
 class NinjaBuildExt(build_ext):
     """Compiles fastdistill._C with a generated build.ninja (parallel, incremental)."""
 
+    def finalize_options(self):
+        super().finalize_options()
+        reason = skip_reason()
+        if reason:
+            # no extension at all: nothing for setuptools to copy or to put in the wheel
+            log(f"{reason}: fastdistill._C is not built; the torch and triton backends work, the "
+                "cpu and cuda backends are unavailable")
+            self.extensions = []
+
     def build_extension(self, ext):
-        if os.environ.get("FASTDISTILL_BUILD_EXT", "1") == "0":
-            log("FASTDISTILL_BUILD_EXT=0: skipping fastdistill._C (cpu and cuda backends off)")
-            return
-        cxx = os.environ.get("CXX", "c++")
-        if shutil.which(cxx) is None:
-            log(f"no C++ compiler ({cxx!r} not found): fastdistill._C is not built; the torch and "
-                "triton backends work, the cpu and cuda backends are unavailable")
-            return
-        try:
-            import pybind11
-        except ImportError:
-            log("pybind11 is not installed: fastdistill._C is not built; the torch and triton "
-                "backends work, the cpu and cuda backends are unavailable")
-            return
-        self._build(ext, cxx, pybind11.get_include())
+        import pybind11
+        self._build(ext, os.environ.get("CXX", "c++"), pybind11.get_include())
 
     def _build(self, ext, cxx, pybind_inc):
         out_path = os.path.abspath(self.get_ext_fullpath(ext.name))

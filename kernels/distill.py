@@ -253,9 +253,18 @@ def distill_kernel(
                 tl.store(g_row + cols, zero_g, mask=cols < G_WIDTH)
 
 
-def block_size(width: int, cap: int = 4096) -> int:
+def launch_options(block: int) -> dict:
+    """num_warps for a tile, and a register cap that leaves ptxas room: some ptxas versions
+    otherwise aim for four 256-thread CTAs per SM (64 registers) and spill (triton 3.6, tvd)."""
+    warps = 8 if block >= 2048 else 4
+    return {"num_warps": warps} if interpreting() else {"num_warps": warps, "maxnreg": 128}
+
+
+def block_size(width: int, cap: int = 2048) -> int:
     """Vocabulary tile: a power of two, at most `cap` (64 under the interpreter, so that small
-    test shapes still cover several tiles)."""
+    test shapes still cover several tiles). 2048 columns over 256 threads is 8 per thread: one
+    or two 16-byte loads, and few enough live values that every divergence fits in 128
+    registers (ptxas of triton 3.6 and 3.9; tests/test_aot.py)."""
     cap = 64 if interpreting() else cap
     return max(16, min(triton.next_power_of_2(max(width, 1)), cap))
 
@@ -282,6 +291,6 @@ def distill_forward(student, teacher, labels, opts, vocab, grad_scale, need_grad
         DIV=opts.kernel_code, HAS_LABELS=labels is not None,
         HARD=labels is not None and opts.hard_weight != 0.0,
         T_IS_1=opts.temperature == 1.0, WRITE_GRAD=grad is not None,
-        BLOCK=block, num_warps=8 if block >= 2048 else 4,
+        BLOCK=block, **launch_options(block),
     )
     return rows, grad

@@ -79,7 +79,8 @@ def distill_cases(dtype):
         for t_is_1 in (True, False):
             c = {"DIV": code, "HAS_LABELS": True, "HARD": True, "T_IS_1": t_is_1,
                  "WRITE_GRAD": True, "BLOCK": block}
-            yield f"distill[{name},{dtype},T1={t_is_1}]", distill.distill_kernel, sig, c, 8
+            yield (f"distill[{name},{dtype},T1={t_is_1}]", distill.distill_kernel, sig, c,
+                   distill.launch_options(block))
 
 
 def feature_cases(dtype):

@@ -34,17 +34,20 @@ def test_extension_links_no_torch_or_python():
         assert not any(x in lib for x in ("torch", "c10", "python", "cudart.so")), needed
 
 
-def test_wheel_installs_next_to_torch(tmp_path):
+def _wheel(tmp_path, env=None, src=ROOT):
     dist = tmp_path / "dist"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-build-isolation",
-                    "--no-deps", "-w", str(dist), ROOT], check=True, cwd=ROOT)
+                    "--no-deps", "-w", str(dist), str(src)], check=True, cwd=str(src),
+                   env=dict(os.environ, **(env or {})))
     wheels = list(dist.glob("fastdistill-*.whl"))
     assert len(wheels) == 1, wheels
     import zipfile
-    names = zipfile.ZipFile(wheels[0]).namelist()
-    assert any(n.startswith("fastdistill/_C") and n.endswith(".so") for n in names), names
-    assert "fastdistill/kernels/distill.py" in names
+    return wheels[0], zipfile.ZipFile(wheels[0]).namelist()
 
+
+def _venv_next_to_torch(tmp_path, wheel):
+    """A fresh virtual environment that sees this environment's torch and nothing else of it,
+    with `wheel` installed; returns its python."""
     env_dir = tmp_path / "venv"
     subprocess.run([sys.executable, "-m", "venv", "--without-pip", str(env_dir)], check=True)
     py = env_dir / "bin" / "python"
@@ -55,7 +58,21 @@ def test_wheel_installs_next_to_torch(tmp_path):
     with open(os.path.join(site, "torch_only.pth"), "w") as f:
         f.write(torch_site + "\n")
     subprocess.run([sys.executable, "-m", "pip", "--python", str(py), "install", "-q",
-                    "--no-deps", str(wheels[0])], check=True)
+                    "--no-deps", str(wheel)], check=True)
+    return env_dir, py
+
+
+def _run_in(py, script, cwd):
+    return subprocess.run([str(py), "-c", script], capture_output=True, text=True, cwd=cwd,
+                          env={k: v for k, v in os.environ.items()
+                               if k not in ("PYTHONPATH", "TRITON_INTERPRET")})
+
+
+def test_wheel_installs_next_to_torch(tmp_path):
+    wheel, names = _wheel(tmp_path)
+    assert any(n.startswith("fastdistill/_C") and n.endswith(".so") for n in names), names
+    assert "fastdistill/kernels/distill.py" in names
+    env_dir, py = _venv_next_to_torch(tmp_path, wheel)
     script = (
         "import torch, fastdistill as fd\n"
         "from fastdistill.backends import _ext\n"
@@ -65,7 +82,40 @@ def test_wheel_installs_next_to_torch(tmp_path):
         "loss = fd.distill_loss(s, t, divergence='jsd', backend='cpu'); loss.backward()\n"
         "assert torch.isfinite(loss) and s.grad.abs().sum() > 0\n"
         "print('ok', fd.__version__)\n" % str(env_dir))
-    out = subprocess.run([str(py), "-c", script], capture_output=True, text=True, cwd=tmp_path,
-                         env={k: v for k, v in os.environ.items() if k != "PYTHONPATH"})
+    out = _run_in(py, script, tmp_path)
     assert out.returncode == 0, out.stderr
     assert out.stdout.startswith("ok " + fd.__version__)
+
+
+def test_without_a_compiler_the_package_still_installs_and_works(tmp_path):
+    """No C++ compiler at build time: a wheel without _C that installs, imports, says once why
+    the cpu backend is unavailable, and computes the loss with the torch backend."""
+    # from a copy of the sources without build outputs (an in-place _C or a build/ folder left
+    # by an earlier build would end up in the wheel)
+    import shutil
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(
+        ".git", ".venv", "build", "dist", "*.so", "*.o", "__pycache__", "*.egg-info", "demo_out",
+        "out", ".pytest_cache", ".benchmarks"))
+    wheel, names = _wheel(tmp_path, env={"CXX": "no-such-compiler"}, src=src)
+    assert not any(n.startswith("fastdistill/_C") for n in names), names
+    _, py = _venv_next_to_torch(tmp_path, wheel)
+    script = (
+        "import warnings, torch, fastdistill as fd\n"
+        "ok, why = fd.backends.check('cpu', torch.device('cpu'))\n"
+        "assert not ok and 'fastdistill._C is not available' in why, why\n"
+        "s = torch.randn(3, 20, requires_grad=True); t = torch.randn(3, 20)\n"
+        "with warnings.catch_warnings(record=True) as w:\n"
+        "    warnings.simplefilter('always')\n"
+        "    fd.distill_loss(s, t).backward(); fd.distill_loss(s, t)\n"
+        "assert len([x for x in w if 'torch backend' in str(x.message)]) == 1, w\n"
+        "try:\n"
+        "    fd.distill_loss(s, t, backend='cpu')\n"
+        "except fd.BackendUnavailableError as e:\n"
+        "    assert 'reinstall with a C++ compiler' in str(e)\n"
+        "else:\n"
+        "    raise AssertionError('cpu backend should be unavailable')\n"
+        "print('ok')\n")
+    out = _run_in(py, script, tmp_path)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == "ok"
