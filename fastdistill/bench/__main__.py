@@ -131,8 +131,9 @@ def main(argv=None) -> int:
     ceiling = measure.copy_bandwidth(cfg["device"])
     header = (f"# fastdistill bench | {env['date']} | {env['device']} | torch {env['torch']} | "
               f"triton {env['triton']} | commit {env['commit']} | op {cfg['op']} "
-              f"{cfg['dtype']} {cfg['divergence']} hard_weight={cfg['hard_weight']} | "
-              f"copy bandwidth {ceiling / 1e9:.1f} GB/s")
+              f"{cfg['dtype']} " + (f"{cfg['divergence']} hard_weight={cfg['hard_weight']} | "
+                                    if cfg["op"] != "feature" else f"{cfg['pairs']} pairs mse | ")
+              + f"copy bandwidth {ceiling / 1e9:.1f} GB/s")
     print(header, flush=True)
     sizes = [(n, v) for n in cfg["N"] for v in (cfg["V"] if cfg["op"] != "feature" else [0])]
     points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
