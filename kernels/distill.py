@@ -123,10 +123,33 @@ def _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t, cd_s, cd_t, cw, DIV: tl.constexpr)
 
 
 @triton.jit
-def _lse_merge(m, d, x):
-    """Plain online log-sum-exp update with one tile x."""
-    cm = tl.max(x, axis=0)
-    cd = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - cm)), axis=0)
+def _tile_stats(a, b, DIV: tl.constexpr, AXIS: tl.constexpr):
+    """Pass-1 state of one tile of scaled logits a (student) and b (teacher), reduced along
+    AXIS (the vocabulary): maxima, shifted sums and the KL numerator relative to the tile's
+    maxima (w_term of divergence.h). Shared by the logit-level and the fused linear kernels."""
+    NEG_INF: tl.constexpr = float("-inf")
+    cm_s = tl.max(a, axis=AXIS)
+    cm_t = tl.max(b, axis=AXIS)
+    xs = a - tl.expand_dims(cm_s, AXIS)
+    xt = b - tl.expand_dims(cm_t, AXIS)
+    e_s = tl.where(a == NEG_INF, 0.0, tl.exp(xs))
+    e_t = tl.where(b == NEG_INF, 0.0, tl.exp(xt))
+    cw = tl.zeros_like(cm_s)  # unused by the other divergences
+    if DIV == FKL:
+        wt = tl.where(a == NEG_INF, float("inf"), e_t * (xt - xs))
+        cw = tl.sum(tl.where(b == NEG_INF, 0.0, wt), axis=AXIS)
+    elif DIV == RKL:
+        wt = tl.where(b == NEG_INF, float("inf"), e_s * (xs - xt))
+        cw = tl.sum(tl.where(a == NEG_INF, 0.0, wt), axis=AXIS)
+    return cm_s, cm_t, tl.sum(e_s, axis=AXIS), tl.sum(e_t, axis=AXIS), cw
+
+
+@triton.jit
+def _lse_merge(m, d, x, AXIS: tl.constexpr):
+    """Plain online log-sum-exp update with one tile x, reduced along AXIS."""
+    cm = tl.max(x, axis=AXIS)
+    cd = tl.sum(tl.where(x == float("-inf"), 0.0, tl.exp(x - tl.expand_dims(cm, AXIS))),
+                axis=AXIS)
     m_new = tl.maximum(m, cm)
     return m_new, _rescale(m, m_new) * d + _rescale(cm, m_new) * cd
 
@@ -168,23 +191,10 @@ def distill_kernel(
             inb = cols < V
             zs = tl.load(s_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
             zt = tl.load(t_row + cols, mask=inb, other=NEG_INF).to(tl.float32)
-            a = zs * inv_t
-            b = zt * inv_t
-            cm_s = tl.max(a, axis=0)
-            cm_t = tl.max(b, axis=0)
-            e_s = tl.where(a == NEG_INF, 0.0, tl.exp(a - cm_s))
-            e_t = tl.where(b == NEG_INF, 0.0, tl.exp(b - cm_t))
-            cw = zero
-            if DIV == FKL:
-                wt = tl.where(a == NEG_INF, float("inf"), e_t * ((b - cm_t) - (a - cm_s)))
-                cw = tl.sum(tl.where(b == NEG_INF, 0.0, wt), axis=0)
-            elif DIV == RKL:
-                wt = tl.where(b == NEG_INF, float("inf"), e_s * ((a - cm_s) - (b - cm_t)))
-                cw = tl.sum(tl.where(a == NEG_INF, 0.0, wt), axis=0)
-            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t,
-                                           tl.sum(e_s, axis=0), tl.sum(e_t, axis=0), cw, DIV)
+            cm_s, cm_t, cd_s, cd_t, cw = _tile_stats(zs * inv_t, zt * inv_t, DIV, 0)
+            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t, cd_s, cd_t, cw, DIV)
             if HARD and not T_IS_1:
-                m_1, d_1 = _lse_merge(m_1, d_1, zs)
+                m_1, d_1 = _lse_merge(m_1, d_1, zs, 0)
         ld_s = tl.log(d_s)
         ld_t = tl.log(d_t)
         if HARD and not T_IS_1:

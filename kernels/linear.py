@@ -26,7 +26,8 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels import interpreting
-from fastdistill.kernels.distill import _merge, _pass2_terms, _rescale, _soft_grad
+from fastdistill.kernels.distill import (_lse_merge, _merge, _pass2_terms, _rescale, _soft_grad,
+                                        _tile_stats)
 
 FKL = tl.constexpr(0)
 RKL = tl.constexpr(1)
@@ -41,6 +42,22 @@ def _tanh(x):
 
 
 @triton.jit
+def _dot_tile(h_ptr, w_ptr, rows, cols, row_in, col_in, D, h_stride, w_stride,
+              PRECISION: tl.constexpr, BLOCK_K: tl.constexpr):
+    """hidden[rows] @ weight[cols].T in float32: [len(rows), len(cols)], K-loop over D."""
+    ks = tl.arange(0, BLOCK_K)
+    acc = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
+    for k0 in range(0, D, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(h_ptr + rows[:, None].to(tl.int64) * h_stride + kk[None, :],
+                    mask=row_in[:, None] & (kk[None, :] < D), other=0.0)
+        b = tl.load(w_ptr + cols[None, :].to(tl.int64) * w_stride + kk[:, None],
+                    mask=col_in[None, :] & (kk[:, None] < D), other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    return acc
+
+
+@triton.jit
 def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols, N, V,
                  Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, s_cap, t_cap,
                  HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
@@ -50,15 +67,8 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
     softcap; before the temperature), and tanh(z_s / cap) for the softcap chain rule."""
     row_in = rows < N
     col_in = cols < V
-    ks = tl.arange(0, BLOCK_K)
-    S = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-    for k0 in range(0, Ds, BLOCK_K):
-        kk = k0 + ks
-        a = tl.load(hs_ptr + rows[:, None].to(tl.int64) * hs_stride + kk[None, :],
-                    mask=row_in[:, None] & (kk[None, :] < Ds), other=0.0)
-        b = tl.load(ws_ptr + cols[None, :].to(tl.int64) * ws_stride + kk[:, None],
-                    mask=col_in[None, :] & (kk[:, None] < Ds), other=0.0)
-        S = tl.dot(a, b, S, input_precision=PRECISION)
+    S = _dot_tile(hs_ptr, ws_ptr, rows, cols, row_in, col_in, Ds, hs_stride, ws_stride,
+                  PRECISION, BLOCK_K)
     if HAS_SB:
         S += tl.load(bs_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     th = S
@@ -69,14 +79,8 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
         T = tl.load(tlog_ptr + rows[:, None].to(tl.int64) * tlog_stride + cols[None, :],
                     mask=row_in[:, None] & col_in[None, :], other=0.0).to(tl.float32)
     else:
-        T = tl.zeros([rows.shape[0], cols.shape[0]], dtype=tl.float32)
-        for k0 in range(0, Dt, BLOCK_K):
-            kk = k0 + ks
-            a = tl.load(ht_ptr + rows[:, None].to(tl.int64) * ht_stride + kk[None, :],
-                        mask=row_in[:, None] & (kk[None, :] < Dt), other=0.0)
-            b = tl.load(wt_ptr + cols[None, :].to(tl.int64) * wt_stride + kk[:, None],
-                        mask=col_in[None, :] & (kk[:, None] < Dt), other=0.0)
-            T = tl.dot(a, b, T, input_precision=PRECISION)
+        T = _dot_tile(ht_ptr, wt_ptr, rows, cols, row_in, col_in, Dt, ht_stride, wt_stride,
+                      PRECISION, BLOCK_K)
         if HAS_TB:
             T += tl.load(bt_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
     if T_CAP:
@@ -135,29 +139,12 @@ def linear_stats_kernel(
         a = S * inv_t
         b = T * inv_t
         if PASS == 1:
-            cm_s = tl.max(a, axis=1)
-            cm_t = tl.max(b, axis=1)
-            e_s = tl.where(a == NEG_INF, 0.0, tl.exp(a - cm_s[:, None]))
-            e_t = tl.where(b == NEG_INF, 0.0, tl.exp(b - cm_t[:, None]))
-            cw = zero
-            if DIV == FKL:
-                wt = tl.where(a == NEG_INF, float("inf"),
-                              e_t * ((b - cm_t[:, None]) - (a - cm_s[:, None])))
-                cw = tl.sum(tl.where(b == NEG_INF, 0.0, wt), axis=1)
-            elif DIV == RKL:
-                wt = tl.where(b == NEG_INF, float("inf"),
-                              e_s * ((a - cm_s[:, None]) - (b - cm_t[:, None])))
-                cw = tl.sum(tl.where(a == NEG_INF, 0.0, wt), axis=1)
-            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t,
-                                           tl.sum(e_s, axis=1), tl.sum(e_t, axis=1), cw, DIV)
+            cm_s, cm_t, cd_s, cd_t, cw = _tile_stats(a, b, DIV, 1)
+            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t, cd_s, cd_t, cw, DIV)
             if HARD:
                 z_lab += tl.sum(tl.where(cols[None, :] == label[:, None], S, 0.0), axis=1)
                 if not T_IS_1:
-                    cm = tl.max(S, axis=1)
-                    cd = tl.sum(tl.where(S == NEG_INF, 0.0, tl.exp(S - cm[:, None])), axis=1)
-                    m_new = tl.maximum(m_1, cm)
-                    d_1 = _rescale(m_1, m_new) * d_1 + _rescale(cm, m_new) * cd
-                    m_1 = m_new
+                    m_1, d_1 = _lse_merge(m_1, d_1, S, 1)
         else:
             lt, qh = _pass2_terms((a - m_s[:, None]) - ld_s[:, None],
                                   (b - m_t[:, None]) - ld_t[:, None], beta, DIV)
