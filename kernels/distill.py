@@ -169,12 +169,16 @@ def distill_kernel(
     NEG_INF: tl.constexpr = float("-inf")
 
     label = 0
-    valid = True
+    valid = True   # the row counts
+    usable = True  # ... and its label, if the hard loss needs one, is in [0, V)
     if HAS_LABELS:
         label = tl.load(labels_ptr + row)
         valid = label != ignore_index
+        usable = valid
+        if HARD:
+            usable = valid & (label >= 0) & (label < V)
 
-    if valid:
+    if usable:
         # ---- pass 1: online statistics of a = z_s / T and b = z_t / T (and of z_s for CE) ----
         # Each tile's statistics relative to its own maxima, merged into the row's; w is the
         # one-pass KL numerator relative to the running maxima (see divergence.h).
@@ -226,13 +230,10 @@ def distill_kernel(
             aux = tl.sum(acc_a, axis=0)
 
         loss = soft_scale * div
-        label_ok = True
         if HARD:
-            label_ok = (label >= 0) & (label < V)
-            z_label = tl.load(s_row + label, mask=label_ok, other=0.0).to(tl.float32)
+            z_label = tl.load(s_row + label).to(tl.float32)
             # LSE - z[label] = (m - z[label]) + log d: no cancellation of large logits
             loss += hard_weight * ((m_1 - z_label) + ld_1)
-            loss = tl.where(label_ok, loss, float("nan"))
         tl.store(loss_ptr + row, loss)
 
         # ---- pass 3: gradient (columns >= V get 0: their loads are -inf, so q = p = 0) ----
@@ -255,7 +256,9 @@ def distill_kernel(
                     g += c_hard * (q1 - tl.where(cols == label, 1.0, 0.0))
                 tl.store(g_row + cols, g.to(g_ptr.dtype.element_ty), mask=cols < G_WIDTH)
     else:
-        tl.store(loss_ptr + row, 0.0)
+        # ignored row: 0; a label outside [0, V) on a row that counts: NaN (as the C++ kernels;
+        # checking on the host would synchronise). Either way a zero gradient.
+        tl.store(loss_ptr + row, tl.where(valid, float("nan"), 0.0))
         if WRITE_GRAD:
             zero_g = tl.zeros([BLOCK], dtype=g_ptr.dtype.element_ty)
             for j0 in range(0, G_WIDTH, BLOCK):
@@ -264,8 +267,8 @@ def distill_kernel(
 
 
 def launch_options(block: int) -> dict:
-    """num_warps for a tile, and a register cap that leaves ptxas room: some ptxas versions
-    otherwise aim for four 256-thread CTAs per SM (64 registers) and spill (triton 3.6, tvd)."""
+    """num_warps for a tile, and a register cap of 128 (two 256-thread CTAs per SM); without a
+    cap some ptxas versions aim for four CTAs (64 registers) and spill (triton 3.6, tvd)."""
     warps = 8 if block >= 2048 else 4
     return {"num_warps": warps} if interpreting() else {"num_warps": warps, "maxnreg": 128}
 

@@ -53,3 +53,17 @@ def test_cpu_kernel_exp_accuracy_over_the_range():
     x64 = xs.double()
     want = torch.exp(x64 - torch.logsumexp(torch.stack([x64, torch.full_like(x64, math.log(V - 1))]), 0))
     torch.testing.assert_close(q0.double(), want, rtol=2e-6, atol=2e-7)
+
+
+@pytest.mark.parametrize("backend", cpu_backends())
+def test_out_of_range_label_below_the_api(backend):
+    """What the kernels do with a label the API would reject (on a GPU it is not checked, to
+    avoid a host sync): NaN loss and zero gradient for that row only; others unaffected."""
+    from fastdistill import backends as be
+    from fastdistill.divergences import make_options
+    s, t = torch.randn(3, 40), torch.randn(3, 40)
+    labels = torch.tensor([5, 40, -100])
+    opts = make_options(hard_weight=0.5)
+    rows, grad = be.get(backend).distill_forward(s, t, labels, opts, 40, torch.tensor(1.0), True)
+    assert torch.isfinite(rows[0]) and torch.isnan(rows[1]) and rows[2] == 0
+    assert torch.all(grad[1] == 0) and torch.all(grad[2] == 0) and grad[0].abs().sum() > 0

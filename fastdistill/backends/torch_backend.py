@@ -113,7 +113,8 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
                 safe = torch.where(valid, lab, torch.zeros_like(lab)).clamp(0, V - 1)
                 l1 = torch.log_softmax(z, -1)
                 ce = -l1.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
-                # labels outside [0, V) give NaN, as the kernels do (the API rejects them first)
+                # a label outside [0, V) gives a NaN loss and a zero gradient for its row, as
+                # the kernels do (the API rejects such labels first on CPU)
                 bad = valid & ((lab < 0) | (lab >= V))
                 ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
                 loss = loss + hw * ce
@@ -121,6 +122,8 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
                     onehot = torch.zeros_like(l1).scatter_(-1, safe.unsqueeze(-1), 1.0)
                     g = g + hw * (l1.exp() - onehot)
             loss = torch.where(valid, loss, torch.zeros_like(loss))
+            if hard:
+                valid = valid & ~bad  # rows whose gradient is kept
         rows[r0:r1] = loss
         if need_grad:
             g = g * grad_scale
