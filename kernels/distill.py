@@ -123,6 +123,14 @@ def _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t, cd_s, cd_t, cw, DIV: tl.constexpr)
 
 
 @triton.jit
+def _empty_state(zero):
+    """Pass-1 state before anything is seen, shaped like `zero` (a scalar or one per row):
+    (m_s, m_t, d_s, d_t, w, m_1, d_1); m = -inf with d = 0 means "nothing finite yet"."""
+    neg = zero + float("-inf")
+    return neg, neg, zero, zero, zero, neg, zero
+
+
+@triton.jit
 def _tile_stats(a, b, DIV: tl.constexpr, AXIS: tl.constexpr):
     """Pass-1 state of one tile of scaled logits a (student) and b (teacher), reduced along
     AXIS (the vocabulary): maxima, shifted sums and the KL numerator relative to the tile's
@@ -182,14 +190,7 @@ def distill_kernel(
         # ---- pass 1: online statistics of a = z_s / T and b = z_t / T (and of z_s for CE) ----
         # Each tile's statistics relative to its own maxima, merged into the row's; w is the
         # one-pass KL numerator relative to the running maxima (see divergence.h).
-        zero = tl.zeros([], dtype=tl.float32)
-        m_s = zero + NEG_INF
-        m_t = zero + NEG_INF
-        d_s = zero
-        d_t = zero
-        w = zero
-        m_1 = zero + NEG_INF
-        d_1 = zero
+        m_s, m_t, d_s, d_t, w, m_1, d_1 = _empty_state(tl.zeros([], dtype=tl.float32))
         for j0 in range(0, V, BLOCK):
             cols = j0 + offs
             inb = cols < V

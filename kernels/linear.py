@@ -26,8 +26,8 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels import interpreting
-from fastdistill.kernels.distill import (_lse_merge, _merge, _pass2_terms, _rescale, _soft_grad,
-                                        _tile_stats)
+from fastdistill.kernels.distill import (_empty_state, _lse_merge, _merge, _pass2_terms,
+                                        _rescale, _soft_grad, _tile_stats)
 
 FKL = tl.constexpr(0)
 RKL = tl.constexpr(1)
@@ -113,13 +113,7 @@ def linear_stats_kernel(
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_in, other=0)
     if PASS == 1:
-        m_s = zero + NEG_INF
-        m_t = zero + NEG_INF
-        d_s = zero
-        d_t = zero
-        w = zero
-        m_1 = zero + NEG_INF
-        d_1 = zero
+        m_s, m_t, d_s, d_t, w, m_1, d_1 = _empty_state(zero)
         z_lab = zero
     else:
         st = stats_ptr + rows.to(tl.int64) * 8
@@ -180,13 +174,7 @@ def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, DIV: tl.cons
     base = part_ptr + rows.to(tl.int64) * n_splits * NSTAT
     st = stats_ptr + rows.to(tl.int64) * 8
     if PASS == 1:
-        m_s = zero + NEG_INF
-        m_t = zero + NEG_INF
-        d_s = zero
-        d_t = zero
-        w = zero
-        m_1 = zero + NEG_INF
-        d_1 = zero
+        m_s, m_t, d_s, d_t, w, m_1, d_1 = _empty_state(zero)
         z_lab = zero
         for sp in range(0, n_splits):
             p = base + sp * NSTAT
