@@ -27,28 +27,14 @@ T* ptr(uintptr_t p) {
   return reinterpret_cast<T*>(p);
 }
 
-fd::DistillParams make_params(int32_t divergence, float beta, float inv_temperature,
-                              float soft_scale, float hard_weight, int64_t ignore_index,
-                              int64_t vocab) {
-  fd::DistillParams p;
-  p.divergence = divergence;
-  p.beta = beta;
-  p.inv_temperature = inv_temperature;
-  p.soft_scale = soft_scale;
-  p.hard_weight = hard_weight;
-  p.ignore_index = ignore_index;
-  p.vocab = vocab;
-  return p;
-}
-
 int32_t distill_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
                     int32_t t_dtype, int64_t t_stride, uintptr_t labels, uintptr_t grad,
                     int64_t g_stride, int64_t grad_width, uintptr_t loss_rows, int64_t n_rows,
                     int32_t divergence, float beta, float inv_temperature, float soft_scale,
                     float hard_weight, int64_t ignore_index, int64_t vocab, float grad_scale,
                     int32_t num_threads) {
-  const fd::DistillParams p = make_params(divergence, beta, inv_temperature, soft_scale,
-                                          hard_weight, ignore_index, vocab);
+  const fd::DistillParams p{divergence, beta, inv_temperature, soft_scale,
+                              hard_weight, ignore_index, vocab};
   py::gil_scoped_release nogil;
   return fd::cpu::best::distill_rows(ptr<const void>(student), s_dtype, s_stride,
                                      ptr<const void>(teacher), t_dtype, t_stride,
@@ -95,8 +81,8 @@ int32_t distill_cuda(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintp
                      int32_t divergence, float beta, float inv_temperature, float soft_scale,
                      float hard_weight, int64_t ignore_index, int64_t vocab, uintptr_t grad_scale,
                      uintptr_t stream) {
-  const fd::DistillParams p = make_params(divergence, beta, inv_temperature, soft_scale,
-                                          hard_weight, ignore_index, vocab);
+  const fd::DistillParams p{divergence, beta, inv_temperature, soft_scale,
+                              hard_weight, ignore_index, vocab};
   py::gil_scoped_release nogil;
   return fd::cuda::distill_rows(ptr<const void>(student), s_dtype, s_stride,
                                 ptr<const void>(teacher), t_dtype, t_stride,

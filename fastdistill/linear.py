@@ -34,19 +34,17 @@ def _softcap(name, c):
     return float(c)
 
 
-def _bias(name, b, width, device):
+def _bias(name, b, width):
     if b is None:
         return None
     _checks.tensor(name, b)
     if b.dim() != 1 or b.shape[0] != width:
         raise ValueError(f"{name} must have shape [{width}] (one value per vocabulary row of the "
                          f"weight), got {tuple(b.shape)}")
-    if b.device != device:
-        raise ValueError(f"{name} is on {b.device} but student_hidden is on {device}")
     return b
 
 
-def _weight(name, w, d, hidden_name, device):
+def _weight(name, w, d, hidden_name):
     _checks.tensor(name, w)
     if w.dim() != 2:
         raise ValueError(f"{name} must be a 2-D [V, D] matrix (as nn.Linear.weight), got shape "
@@ -54,8 +52,6 @@ def _weight(name, w, d, hidden_name, device):
     if w.shape[1] != d:
         raise ValueError(f"{name} has {w.shape[1]} input features but {hidden_name} has {d}; "
                          f"{name} must be [V, {d}]")
-    if w.device != device:
-        raise ValueError(f"{name} is on {w.device} but student_hidden is on {device}")
     return w
 
 
@@ -91,9 +87,9 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
     _checks.tensor("student_hidden", student_hidden)
     device = student_hidden.device
     lead, ds = student_hidden.shape[:-1], student_hidden.shape[-1]
-    _weight("student_weight", student_weight, ds, "student_hidden", device)
+    _weight("student_weight", student_weight, ds, "student_hidden")
     vs = student_weight.shape[0]
-    s_bias = _bias("student_bias", student_bias, vs, device)
+    s_bias = _bias("student_bias", student_bias, vs)
     s_cap = _softcap("student_softcap", student_softcap)
     t_cap = _softcap("teacher_softcap", teacher_softcap)
 
@@ -103,9 +99,6 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                              "(+ teacher_bias), not both")
         _checks.tensor("teacher_logits", teacher_logits)
         _checks.leading("teacher_logits", teacher_logits, lead, "student_hidden")
-        if teacher_logits.device != device:
-            raise ValueError(f"teacher_logits is on {teacher_logits.device} but student_hidden "
-                             f"is on {device}")
         vt = teacher_logits.shape[-1]
     else:
         if teacher_hidden is None or teacher_weight is None:
@@ -113,18 +106,16 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                              "teacher_logits")
         _checks.tensor("teacher_hidden", teacher_hidden)
         _checks.leading("teacher_hidden", teacher_hidden, lead, "student_hidden")
-        if teacher_hidden.device != device:
-            raise ValueError(f"teacher_hidden is on {teacher_hidden.device} but student_hidden "
-                             f"is on {device}")
-        _weight("teacher_weight", teacher_weight, teacher_hidden.shape[-1], "teacher_hidden",
-                device)
+        _weight("teacher_weight", teacher_weight, teacher_hidden.shape[-1], "teacher_hidden")
         vt = teacher_weight.shape[0]
-        _bias("teacher_bias", teacher_bias, vt, device)
+        _bias("teacher_bias", teacher_bias, vt)
     V = _checks.vocab(vocab_size, vs, vt, "student_weight", "teacher_weight"
                       if teacher_logits is None else "teacher_logits")
     lab = _checks.labels(labels, lead) if labels is not None else None
-    if lab is not None and lab.device != device:
-        raise ValueError(f"labels is on {lab.device} but student_hidden is on {device}")
+    names = ("student_hidden", "student_weight", "student_bias", "teacher_hidden",
+             "teacher_weight", "teacher_bias", "teacher_logits", "labels")
+    _checks.same_device(names, (student_hidden, student_weight, student_bias, teacher_hidden,
+                                teacher_weight, teacher_bias, teacher_logits, labels))
     if opts.hard_weight > 0 and lab is None:
         raise ValueError("hard_weight > 0 needs labels (the hard loss is CE against labels)")
     if lab is not None and opts.hard_weight > 0:

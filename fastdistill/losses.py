@@ -11,6 +11,13 @@ from fastdistill.divergences import make_options
 from fastdistill.functional import distill_loss
 
 
+def _check_backend_name(options):
+    from fastdistill.backends import BACKENDS
+    b = options.get("backend", "auto")
+    if not isinstance(b, str) or b not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {b!r}")
+
+
 class DistillLoss(nn.Module):
     """``DistillLoss(**options)(student_logits, teacher_logits, labels=None)``.
 
@@ -32,6 +39,7 @@ class DistillLoss(nn.Module):
         # validate now so a bad option fails at construction, not at the first step
         make_options(**{k: v for k, v in options.items()
                         if k not in ("vocab_size", "backend")})
+        _check_backend_name(options)
         self.options = dict(options)
 
     def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor,
@@ -68,6 +76,7 @@ class LinearDistillLoss(nn.Module):
                             f"of {allowed}")
         make_options(**{k: v for k, v in options.items() if k in DistillLoss._OPTIONS
                         and k not in ("vocab_size", "backend")})
+        _check_backend_name(options)
         self.options = dict(options)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,

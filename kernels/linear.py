@@ -26,11 +26,9 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels import interpreting
-from fastdistill.kernels.distill import (_empty_state, _lse_merge, _merge, _pass2_terms,
-                                        _rescale, _soft_grad, _tile_stats)
+from fastdistill.kernels.distill import (FKL, RKL, _empty_state, _lse_merge, _merge,
+                                        _pass2_terms, _rescale, _soft_grad, _tile_stats)
 
-FKL = tl.constexpr(0)
-RKL = tl.constexpr(1)
 N_STATS = 8  # partial state per (row, split): m_s, d_s, m_t, d_t, w, m_1, d_1, z_label
 NSTAT = tl.constexpr(N_STATS)
 

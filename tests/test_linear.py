@@ -259,4 +259,8 @@ def test_bad_input():
         f(hs, ws, ht, wt, backend="torch", mode="fused")
     with pytest.raises(ValueError, match="temperature must be > 0"):
         f(hs, ws, ht, wt, temperature=-1.0)
+    with pytest.raises(ValueError, match="student_weight is on meta but student_hidden is on cpu"):
+        f(hs, ws.to("meta"), ht, wt)
+    with pytest.raises(ValueError, match="teacher_bias is on meta but student_hidden is on cpu"):
+        f(hs, ws, ht, wt, teacher_bias=torch.zeros(53, device="meta"))
     assert math.isfinite(float(f(hs, ws, ht, wt, labels)))

@@ -99,3 +99,5 @@ def test_module_rejects_unknown_and_bad_options_at_construction():
     raises(TypeError, "unknown option", fd.DistillLoss, temprature=2.0)
     raises(ValueError, "temperature must be > 0", fd.DistillLoss, temperature=0)
     raises(ValueError, "divergence must be one of", fd.DistillLoss, divergence="kl")
+    raises(ValueError, "backend must be one of", fd.DistillLoss, backend="gpu")
+    raises(ValueError, "backend must be one of", fd.LinearDistillLoss, backend="gpu")

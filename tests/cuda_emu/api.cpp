@@ -13,14 +13,8 @@ int32_t emu_distill(const void* student, int32_t s_dtype, int64_t s_stride, cons
                     int32_t divergence, float beta, float inv_temperature, float soft_scale,
                     float hard_weight, int64_t ignore_index, int64_t vocab,
                     const float* grad_scale) {
-  fd::DistillParams p;
-  p.divergence = divergence;
-  p.beta = beta;
-  p.inv_temperature = inv_temperature;
-  p.soft_scale = soft_scale;
-  p.hard_weight = hard_weight;
-  p.ignore_index = ignore_index;
-  p.vocab = vocab;
+  const fd::DistillParams p{divergence, beta, inv_temperature, soft_scale,
+                            hard_weight, ignore_index, vocab};
   return fd::cuda::distill_rows(student, s_dtype, s_stride, teacher, t_dtype, t_stride, labels,
                                 grad, g_stride, grad_width, loss_rows, n_rows, p, grad_scale,
                                 nullptr);

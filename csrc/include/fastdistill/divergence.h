@@ -45,7 +45,8 @@ enum Divergence : int32_t {
 // Does the divergence need pass 2 (a row sum that depends on both log-sum-exps)?
 FD_HD bool needs_pass2(int32_t div) { return div >= kJSD; }
 
-// Options of one call, identical for every row.
+// Options of one call, identical for every row (an aggregate: build it with braces, in this
+// field order).
 struct DistillParams {
   int32_t divergence;
   float beta;
