@@ -263,8 +263,7 @@ class NinjaBuildExt(build_ext):
 
 setup(
     name="fastdistill",
-    packages=find_packages(include=["fastdistill", "fastdistill.*"]) + ["fastdistill.kernels"],
-    package_dir={"fastdistill.kernels": "kernels"},
+    packages=find_packages(include=["fastdistill", "fastdistill.*"]),
     ext_modules=[Extension("fastdistill._C", sources=[])],
     cmdclass={"build_ext": NinjaBuildExt},
 )

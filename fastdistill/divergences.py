@@ -31,7 +31,7 @@ from typing import Optional
 import torch
 
 DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
-# Kernel codes; csrc/include/fastdistill/divergence.h and kernels/ use the same numbers.
+# Kernel codes; csrc/include/fastdistill/divergence.h and fastdistill/kernels/ use the same numbers.
 DIVERGENCE_CODES = {name: i for i, name in enumerate(DIVERGENCES)}
 REDUCTIONS = ("mean", "sum", "none")
 

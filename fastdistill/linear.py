@@ -6,7 +6,7 @@ kernel of the chosen backend turns them into the row losses and the gradient in 
 gradient flows into grad_hidden, grad_weight (float32 accumulation) and grad_bias right away
 (fastdistill/_chunked.py). Extra memory: O(chunk x V).
 
-mode="fused" (triton): no logits in global memory at all (kernels/linear.py). Extra memory: O(N)
+mode="fused" (triton): no logits in global memory at all (fastdistill/kernels/linear.py). Extra memory: O(N)
 plus the gradients.
 """
 
@@ -187,7 +187,7 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
 
 class FusedLinearDistill(torch.autograd.Function):
     """mode="fused": statistics in the forward, gradient recomputed tile by tile in backward
-    (kernels/linear.py). Backward folds grad_output into the per-row factors, so it serves
+    (fastdistill/kernels/linear.py). Backward folds grad_output into the per-row factors, so it serves
     every reduction, including "none", in one sweep."""
 
     @staticmethod

@@ -1,4 +1,4 @@
-"""The fused GPU backends (cuda: csrc/cuda/, triton: kernels/) on CUDA tensors against the float64
+"""The fused GPU backends (cuda: csrc/cuda/, triton: fastdistill/kernels/) on CUDA tensors against the float64
 references, at the shapes where GPU kernels go wrong: odd and 128k-wide rows, misaligned rows,
 padding, -inf columns, aliasing of the gradient with the student, and bitwise determinism.
 

@@ -33,11 +33,13 @@ def triton_interpreting() -> bool:
 
 
 def _triton_importable() -> Tuple[bool, str]:
+    """Imports the Triton kernels themselves (not only triton): what is reported available
+    must load."""
     try:
-        import triton  # noqa: F401
+        import fastdistill.kernels.distill  # noqa: F401
         return True, ""
     except ImportError as e:
-        return False, f"triton is not installed ({e}); pip install triton"
+        return False, f"the Triton kernels cannot be imported ({e}); pip install triton"
 
 
 def check(name: str, device: torch.device) -> Tuple[bool, str]:

@@ -1,4 +1,4 @@
-"""Triton backend: the kernels of kernels/ (installed as fastdistill.kernels).
+"""Triton backend: the kernels of fastdistill/kernels/.
 
 Same contract as backends/torch_backend.py. Runs on CUDA tensors, and on CPU tensors under
 TRITON_INTERPRET=1 (the interpreter; small shapes only).

@@ -3,7 +3,7 @@
 Forward. The grid tiles rows (BLOCK_M) x vocabulary splits; a program computes the student and
 teacher logit tiles [BLOCK_M, BLOCK_N] with tl.dot into float32 accumulators (never rounded to
 16 bits), applies bias / softcap / temperature and folds them into per-row online statistics
-(the same merge as kernels/distill.py). It writes one partial state per (row, split); a small
+(the same merge as fastdistill/kernels/distill.py). It writes one partial state per (row, split); a small
 kernel merges the splits of each row in a fixed order (deterministic, no atomics, no locks).
 Forward and reverse KL need this one sweep; jsd, skew_* and tvd need a second sweep over the
 same tiles for their row sums (pass 2), i.e. twice the forward GEMM work.
