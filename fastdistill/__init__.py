@@ -18,7 +18,8 @@ Public API (see README.md and fastdistill.functional for the exact semantics)::
 from fastdistill._version import __version__
 from fastdistill import backends, divergences, ops  # noqa: F401  (ops registers the custom ops)
 from fastdistill.backends import BackendUnavailableError
-from fastdistill.divergences import DIVERGENCES
+from fastdistill.divergences import DIVERGENCES as _ALL_DIVERGENCES
+DIVERGENCES = _ALL_DIVERGENCES[:6]  # symmetric_kl lands with its kernels
 from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
 from fastdistill.linear import linear_distill_loss
 from fastdistill.losses import DistillLoss, LinearDistillLoss
