@@ -113,6 +113,10 @@ int32_t scale_rows_cuda(uintptr_t grad, int32_t dtype, int64_t stride, int64_t n
 
 }  // namespace
 
+namespace fastdistill {
+void register_build_info(py::module_& m);  // csrc/build_info.cpp
+}  // namespace fastdistill
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdistill kernels (torch-free; pointers in, status codes out)";
   m.attr("version") = FD_VERSION;
@@ -129,4 +133,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_last_error", &fd::cuda::last_error,
         "message of the last CUDA error returned to this thread");
 #endif
+  fd::register_build_info(m);
 }
