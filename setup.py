@@ -69,11 +69,10 @@ def skip_reason():
 
 
 def find_ninja():
-    try:
+    try:  # the ninja package of the build environment
         import ninja
-        path = os.path.join(ninja.BIN_DIR, "ninja")
-        if os.path.isfile(path):
-            return path
+        if ninja.BIN_DIR and os.path.isfile(os.path.join(ninja.BIN_DIR, "ninja")):
+            return os.path.join(ninja.BIN_DIR, "ninja")
     except ImportError:
         pass
     if shutil.which("ninja"):
