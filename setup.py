@@ -87,7 +87,7 @@ def find_cuda():
     if os.environ.get("FASTDISTILL_CUDA", "1") == "0":
         return None
     homes = [os.environ.get("CUDA_HOME"), os.environ.get("CUDA_PATH")]
-    if shutil.which("nvcc"):  # nvcc may be a wrapper script: the real one sits in the toolkit
+    if shutil.which("nvcc"):  # a symlink leads into the toolkit (a wrapper script does not)
         homes.append(os.path.dirname(os.path.dirname(os.path.realpath(shutil.which("nvcc")))))
     homes.append("/usr/local/cuda")
     for home in filter(None, homes):
@@ -105,7 +105,8 @@ def find_cuda():
 def cuda_archs():
     """(SASS archs, PTX archs) from FASTDISTILL_CUDA_ARCHS, e.g. "80;90+PTX" -> ([80, 90], [90])."""
     sass, ptx = [], []
-    for entry in re.split(r"[;, ]+", os.environ.get("FASTDISTILL_CUDA_ARCHS", "80;90+PTX").strip()):
+    spec = os.environ.get("FASTDISTILL_CUDA_ARCHS", "80;90+PTX")
+    for entry in filter(None, re.split(r"[;, ]+", spec)):
         arch = entry.upper().replace("+PTX", "").replace(".", "")
         if not arch.isdigit():
             raise ValueError(f"FASTDISTILL_CUDA_ARCHS: cannot read {entry!r}; expected entries "
@@ -113,6 +114,8 @@ def cuda_archs():
         sass.append(int(arch))
         if entry.upper().endswith("+PTX"):
             ptx.append(int(arch))
+    if not sass:
+        raise ValueError("FASTDISTILL_CUDA_ARCHS is empty; FASTDISTILL_CUDA=0 builds without CUDA")
     return sass, ptx
 
 
