@@ -220,17 +220,24 @@ def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride,
-    inv_t, s_cap, t_cap, beta, soft_scale, hard_weight,
+    inv_t, s_cap, t_cap, beta, soft_scale, hard_weight, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, T_IS_1: tl.constexpr,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
     T_CAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G[r, j - c0] = d loss / d z_s[r, j] for columns j in [c0, c0 + c_width), times the per-row
-    factor rowf (grad_output x reduction scale, 0 for ignored rows)."""
+    factor rowf (grad_output x reduction scale). Ignored rows get exact zeros: they are masked,
+    not multiplied by 0 (their statistics may be NaN, e.g. an all -inf padding row of teacher
+    logits, and 0 x NaN would reach grad_weight through the GEMM)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
+    keep = row_in
+    label = tl.full([BLOCK_M], -1, dtype=tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
+        keep = row_in & (label != ignore_index)
     S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols,
                             N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
                             tlog_stride, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T, S_CAP, T_CAP,
@@ -246,7 +253,6 @@ def linear_grad_kernel(
     g = (f * soft_scale * inv_t)[:, None] * _soft_grad(lq, (T * inv_t - m_t[:, None]) - ld_t[:, None],
                                                       beta, aux[:, None], DIV)
     if HARD:
-        label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
         if T_IS_1:
             q1 = tl.exp(lq)
         else:
@@ -256,7 +262,7 @@ def linear_grad_kernel(
         g += (f * hard_weight)[:, None] * (q1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
     if S_CAP:
         g = g * (1.0 - th * th)
-    g = tl.where((cols < V)[None, :] & row_in[:, None], g, 0.0)
+    g = tl.where((cols < V)[None, :] & keep[:, None], g, 0.0)
     out = g_ptr + rows[:, None].to(tl.int64) * g_stride + (cols - c0)[None, :]
     tl.store(out, g.to(g_ptr.dtype.element_ty),
              mask=row_in[:, None] & ((cols - c0) < c_width)[None, :])
@@ -377,5 +383,5 @@ def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
         *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
         P.N, P.V, P.Ds, P.Dt, *P.strides(), 1.0 / o.temperature, P.s_cap or 1.0, P.t_cap or 1.0,
-        o.beta, o.soft_scale, o.hard_weight,
+        o.beta, o.soft_scale, o.hard_weight, o.ignore_index,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())
