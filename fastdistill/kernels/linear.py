@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistill.kernels import interpreting
+from fastdistill.kernels import interpreting, multiprocessor_count
 from fastdistill.kernels.distill import (FKL, RKL, _empty_state, _lse_merge, _merge,
                                         _pass2_terms, _rescale, _soft_grad, _tile_stats)
 
@@ -338,7 +338,7 @@ def forward_stats(P: _Problem):
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
     n_rb = triton.cdiv(P.N, BM)
-    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    sm = multiprocessor_count(dev)
     n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
     cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
     n_splits = triton.cdiv(P.V, cols_per_split)
