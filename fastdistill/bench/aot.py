@@ -281,20 +281,21 @@ def _distill_workload(dtype, divergence, variant):
     t = torch.empty_like(s)
     labels = torch.empty(N_BENCH, dtype=torch.int64, device="meta")
     kw = VARIANTS[variant]
-    opts = make_options(divergence, 0.5, kw["temperature"], False, kw["hard_weight"], 1.0,
-                        -100, "mean")
+    opts = make_options(divergence=divergence, beta=0.5, temperature=kw["temperature"],
+                        t2_scale=False, hard_weight=kw["hard_weight"], soft_weight=1.0,
+                        ignore_index=-100, reduction="mean")
     scale = torch.empty((), dtype=torch.float32, device="meta")
     backends.get("triton").distill_forward(s, t, labels, opts, V_BENCH, scale, True)
 
 
 def _scale_workload(dtype):
+    """The in-place scaling of backward (fastdistill.ops.scale_grad_ calls it for CUDA
+    tensors): grad_output times the gradient the forward wrote."""
     import torch
-    from fastdistill import ops
+
+    from fastdistill.kernels.scale import scale_rows_
     g = torch.empty(N_BENCH, V_BENCH, dtype=_torch_dtype(dtype), device="meta")
     f = torch.empty((), dtype=torch.float32, device="meta")
-    # ops.scale_grad_ takes the CUDA path for CUDA tensors only; the kernel it calls there:
-    from fastdistill.kernels.scale import scale_rows_
-    assert hasattr(ops, "scale_grad_")
     scale_rows_(g, f)
 
 
