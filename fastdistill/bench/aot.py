@@ -275,15 +275,14 @@ def _torch_dtype(name):
 def _distill_workload(dtype, divergence, variant):
     import torch
     from fastdistill import backends
-    from fastdistill.divergences import make_options
+    from fastdistill.config import DistillConfig
     dt = _torch_dtype(dtype)
     s = torch.empty(N_BENCH, V_BENCH, dtype=dt, device="meta")
     t = torch.empty_like(s)
     labels = torch.empty(N_BENCH, dtype=torch.int64, device="meta")
     kw = VARIANTS[variant]
-    opts = make_options(divergence=divergence, beta=0.5, temperature=kw["temperature"],
-                        t2_scale=False, hard_weight=kw["hard_weight"], soft_weight=1.0,
-                        ignore_index=-100, reduction="mean")
+    opts = DistillConfig(divergence=divergence, beta=0.5, temperature=kw["temperature"],
+                         hard_weight=kw["hard_weight"]).kernel_options()
     scale = torch.empty((), dtype=torch.float32, device="meta")
     backends.get("triton").distill_forward(s, t, labels, opts, V_BENCH, scale, True)
 
@@ -311,21 +310,29 @@ def _feature_workload(dtype, kind, D):
 
 
 def _linear_workload(dtype, divergence, variant):
+    """The fused implementation itself (backends/linear_fused.py): the custom op would route
+    meta tensors to its fake kernel. Its forward computes the gradients too; backward only scales
+    them by grad_output (the scale kernel, captured by _scale_workload)."""
     import torch
-    import fastdistill as fd
+    from fastdistill.backends import linear_fused
+    from fastdistill.config import DistillConfig
+    from fastdistill.ops import LinearCall
     dt = _torch_dtype(dtype)
     N, V, D = N_BENCH, V_BENCH, D_BENCH
-    hs = torch.empty(N, D, dtype=dt, device="meta", requires_grad=True)
-    ws = torch.empty(V, D, dtype=dt, device="meta", requires_grad=True)
+    hs = torch.empty(N, D, dtype=dt, device="meta")
+    ws = torch.empty(V, D, dtype=dt, device="meta")
     ht = torch.empty(N, D, dtype=dt, device="meta")
     wt = torch.empty(V, D, dtype=dt, device="meta")
     labels = torch.empty(N, dtype=torch.int64, device="meta")
     kw = VARIANTS[variant]
-    extra = dict(student_softcap=30.0) if variant == "hard" else {}
+    cfg = DistillConfig(divergence=divergence, beta=0.5, **kw)
+    k = cfg.kernel_options()
+    call = LinearCall(hs, ws, None, ht, wt, None, None, labels, k.divergence, k.beta,
+                      1.0 / cfg.temperature, cfg.soft_scale, cfg.hard_weight, cfg.ignore_index,
+                      V, 1.0, 1.0, 30.0 if variant == "hard" else None, None, "triton")
+    scale = torch.empty((), dtype=torch.float32, device="meta")
     with _meta_is_a_gpu():
-        loss = fd.linear_distill_loss(hs, ws, ht, wt, labels, divergence=divergence,
-                                      mode="fused", backend="triton", **kw, **extra)
-        loss.backward()
+        linear_fused.forward(call, scale, None, (True, True, False), 0)
 
 
 @dataclass
@@ -342,7 +349,7 @@ class Workload:
 
 
 FEATURE_KINDS = ("mse", "cosine", "normalized_mse")
-LINEAR_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd")
+LINEAR_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "symmetric_kl")
 
 
 def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear"),

@@ -121,7 +121,7 @@ N_TOKENS = 8192
 LOGIT_VOCABS = (50257, 128256, 151936, 256000)   # GPT-2, Llama-3, Qwen2, Gemma
 LINEAR_V, LINEAR_D = 128256, 4096
 FEATURE_D, FEATURE_PAIRS = 4096, 4
-TWO_PASS = ("forward_kl", "reverse_kl")
+TWO_PASS = ("forward_kl", "reverse_kl", "symmetric_kl")
 ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPES = ("bf16", "fp32")
 
