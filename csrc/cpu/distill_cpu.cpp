@@ -122,7 +122,7 @@ ChunkSums chunk_pass1(const float* __restrict zs, const float* __restrict zt, in
   float ds = 0.0f, dt = 0.0f, wf = 0.0f, wr = 0.0f;
 #pragma omp simd reduction(+ : ds, dt, wf, wr)
   for (int i = 0; i < n; ++i) {
-    const float us = (zs[i] - shs) * ks, ut = (zt[i] - sht) * kt;
+    const float us = fd_fma(zs[i], ks, -shs), ut = fd_fma(zt[i], kt, -sht);
     const float es = fd_exp2(us), et = fd_exp2(ut);
     ds += es;
     dt += et;
@@ -156,14 +156,14 @@ inline __m512 exp2_le0(__m512 x) {
 template <int32_t DIV>
 bool chunk_pass1_avx512(const float* __restrict zs, const float* __restrict zt, int n, float shs,
                         float sht, float ks, float kt, ChunkSums& out) {
-  const __m512 vshs = _mm512_set1_ps(shs), vsht = _mm512_set1_ps(sht);
+  const __m512 vshs = _mm512_set1_ps(-shs), vsht = _mm512_set1_ps(-sht);
   const __m512 vks = _mm512_set1_ps(ks), vkt = _mm512_set1_ps(kt);
   const __m512 ninf = _mm512_set1_ps(-fd_inf());
   __m512 ds = _mm512_setzero_ps(), dt = ds, wf = ds, wr = ds;
   for (int i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 us = _mm512_mul_ps(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, k, zs + i), vshs), vks);
-    const __m512 ut = _mm512_mul_ps(_mm512_sub_ps(_mm512_mask_loadu_ps(ninf, k, zt + i), vsht), vkt);
+    const __m512 us = _mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, k, zs + i), vks, vshs);
+    const __m512 ut = _mm512_fmadd_ps(_mm512_mask_loadu_ps(ninf, k, zt + i), vkt, vsht);
     const __m512 es = exp2_le0(us), et = exp2_le0(ut);
     ds = _mm512_add_ps(ds, es);
     dt = _mm512_add_ps(dt, et);
@@ -181,21 +181,21 @@ bool chunk_pass1_avx512(const float* __restrict zs, const float* __restrict zt, 
 inline void grad_fkl_avx512(const float* __restrict zs, const float* __restrict zt, int n,
                             const RowStats& st, float ks, float kt, float c,
                             float* __restrict g) {
-  const __m512 ms = _mm512_set1_ps(st.m_s), mt = _mm512_set1_ps(st.m_t);
-  const __m512 nls = _mm512_set1_ps(-st.l_s), nlt = _mm512_set1_ps(-st.l_t);
+  const __m512 ms = _mm512_set1_ps(-st.m_s), mt = _mm512_set1_ps(-st.m_t);
+  const __m512 ls = _mm512_set1_ps(st.l_s), lt = _mm512_set1_ps(st.l_t);
   const __m512 vks = _mm512_set1_ps(ks), vkt = _mm512_set1_ps(kt), vc = _mm512_set1_ps(c);
   for (int i = 0; i < n; i += 16) {
     const __mmask16 k = n - i >= 16 ? __mmask16(0xffff) : __mmask16((1u << (n - i)) - 1u);
-    const __m512 lq2 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, zs + i), ms), vks, nls);
-    const __m512 lp2 = _mm512_fmadd_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, zt + i), mt), vkt, nlt);
+    const __m512 lq2 = _mm512_sub_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zs + i), vks, ms), ls);
+    const __m512 lp2 = _mm512_sub_ps(_mm512_fmadd_ps(_mm512_maskz_loadu_ps(k, zt + i), vkt, mt), lt);
     const __m512 d = _mm512_sub_ps(exp2_le0(lq2), exp2_le0(lp2));
     _mm512_mask_storeu_ps(g + i, k, _mm512_mul_ps(d, vc));
   }
 }
 #endif
 
-// Plain online log2-sum-exp of k z (the hard loss when h_mul != s_mul), relative to the raw
-// maximum of the student logits: the same maximum as the student's statistics.
+// Plain online log2-sum-exp of k z (the hard loss when h_mul != s_mul); cm = k times the chunk's
+// maximum raw logit.
 struct OnlineLSE {
   float m = -fd_inf();
   double d = 0.0;
@@ -203,9 +203,9 @@ struct OnlineLSE {
     const float sh = finite_shift(cm);
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; ++i) s += fd_exp2((z[i] - sh) * k);
+    for (int i = 0; i < n; ++i) s += fd_exp2(fd_fma(z[i], k, -sh));
     const float m_new = cm > m ? cm : m;
-    d = d * (double)rescale_factor(m, m_new, k) + (double)s * (double)rescale_factor(cm, m_new, k);
+    d = d * (double)rescale_factor(m, m_new) + (double)s * (double)rescale_factor(cm, m_new);
     m = m_new;
   }
 };
@@ -242,16 +242,17 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
     // the chunk's own statistics, relative to its maxima, then merged into the row's
-    float ms, mt;
-    chunk_max2(zs, zt, n, ms, mt);
+    float mzs, mzt;
+    chunk_max2(zs, zt, n, mzs, mzt);
+    const float ms = mzs * ks, mt = mzt * kt;  // the chunk's shifts
     const float shs = finite_shift(ms), sht = finite_shift(mt);
     ChunkSums c;
 #if defined(__AVX512F__)
     if (!chunk_pass1_avx512<DIV>(zs, zt, n, shs, sht, ks, kt, c))
 #endif
       c = chunk_pass1<DIV>(zs, zt, n, shs, sht, ks, kt);
-    online_merge<DIV>(row, Online<double>{ms, mt, c.ds, c.dt, c.wf, c.wr}, ks, kt);
-    if (hard_sep) o1.add(zs, n, ms, kh);
+    online_merge<DIV>(row, Online<double>{ms, mt, c.ds, c.dt, c.wf, c.wr});
+    if (hard_sep) o1.add(zs, n, mzs * kh, kh);
   }
   const bool ok = row_ok((float)row.d_s, (float)row.d_t);
   RowStats st;
@@ -259,6 +260,7 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   st.l_s = (float)std::log2(row.d_s);
   st.m_t = row.m_t;
   st.l_t = (float)std::log2(row.d_t);
+  st.m_1 = hard_sep ? o1.m : st.m_s;
   st.l_1 = hard_sep ? (float)std::log2(o1.d) : st.l_s;
   double rkl2 = 0.0;
   double div = pass1_divergence<DIV>(row, P.beta, rkl2);
@@ -291,8 +293,10 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   if (hard) {
     // CE = LSE(h z) - h z[label] = ((m - h z[label]) + log2 d) ln 2: no cancellation of large
     // logits
+    // CE = LSE(h z) - h z[label] = (m_1 - k_h z[label] + log2 d_1) ln 2, the difference formed
+    // by one fused multiply-add: no cancellation of large logits
     const double d1 = hard_sep ? o1.d : row.d_s;
-    hard_loss = (double)kLn2 * ((double)((row.m_s - load_as_float(srow, label, s_dtype)) * kh) +
+    hard_loss = (double)kLn2 * (-(double)fd_fma(load_as_float(srow, label, s_dtype), kh, -st.m_1) +
                                 std::log2(d1));
   }
   *loss_out = ok ? (float)((double)P.soft_scale * div + (double)P.hard_weight * hard_loss)
@@ -307,7 +311,8 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   }
   const float cg = grad_scale * P.soft_scale * P.s_mul;  // d/dz = s_mul d/da
   const float ch = hard ? grad_scale * P.hard_weight * P.h_mul : 0.0f;
-  const float ms = st.m_s, ls = st.l_s, mt = st.m_t, lt = st.l_t, l1 = st.l_1, aux = st.aux;
+  const float ms = st.m_s, ls = st.l_s, mt = st.m_t, lt = st.l_t, m1 = st.m_1, l1 = st.l_1;
+  const float aux = st.aux;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
@@ -316,7 +321,7 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
 #pragma omp simd
       for (int i = 0; i < n; ++i) {
         const float lq2 = log2_prob(zs[i], ms, ks, ls);
-        const float q1 = fd_exp2(hard_sep ? log2_prob(zs[i], ms, kh, l1) : lq2);
+        const float q1 = fd_exp2(hard_sep ? log2_prob(zs[i], m1, kh, l1) : lq2);
         g[i] = cg * soft_grad<DIV>(lq2, log2_prob(zt[i], mt, kt, lt), mw, aux) + ch * q1;
       }
       if (label >= j0 && label < j0 + n) g[label - j0] -= ch;

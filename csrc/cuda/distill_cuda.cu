@@ -53,13 +53,15 @@ static_assert(kThreads % kWarp == 0 && kResThreads % kWarp == 0, "whole warps");
 // Per-call constants computed on the host (they sit in the parameter bank).
 struct Consts {
   float ks, kt, kh;  // log2-domain multipliers: s_mul, t_mul, h_mul times log2(e)
+  float hr;          // h_mul / s_mul: the hard loss's shift is m_1 = m_s hr
   MixWeights mw;
 };
 
 // ---- pass 1: per-thread running statistics -------------------------------------------------------
-// The divergence statistics (divergence.h: Online, maxima of the raw logits) and, for a hard loss
-// with its own multiplier (h_mul != s_mul), the shifted sum d1 of 2^((z_s - m_s) k_h): the same
-// maximum, so it needs none of its own.
+// The divergence statistics (divergence.h: Online, shifts m = maxima of k z) and, for a hard loss
+// with its own multiplier (h_mul != s_mul), the shifted sum d1 of 2^(k_h z_s - m_1), with the
+// shift m_1 = m_s h_mul / s_mul derived from the student's (within an ulp or two of max k_h z_s,
+// which is all a shift needs: every pass uses the same one), so it needs no maximum of its own.
 struct Pass1 {
   Online<float> o;
   float d1;
@@ -71,14 +73,10 @@ template <int32_t DIV>
 __device__ __forceinline__ void shift_to(Pass1& x, float ms, float mt, const Consts& K,
                                          bool hard_sep) {
   Online<float>& o = x.o;
-  const float fs = rescale_factor(o.m_s, ms, K.ks), ft = rescale_factor(o.m_t, mt, K.kt);
-  if (hard_sep) x.d1 *= rescale_factor(o.m_s, ms, K.kh);
-  if (uses_wf(DIV))
-    o.wf = shift_numerator(o.wf, o.d_t, ft, o.m_t, max_shift(o.m_t, mt, K.kt),
-                           max_shift(o.m_s, ms, K.ks));
-  if (uses_wr(DIV))
-    o.wr = shift_numerator(o.wr, o.d_s, fs, o.m_s, max_shift(o.m_s, ms, K.ks),
-                           max_shift(o.m_t, mt, K.kt));
+  const float fs = rescale_factor(o.m_s, ms), ft = rescale_factor(o.m_t, mt);
+  if (hard_sep) x.d1 *= rescale_factor(o.m_s * K.hr, ms * K.hr);
+  if (uses_wf(DIV)) o.wf = shift_numerator(o.wf, o.d_t, ft, o.m_t, mt, o.m_s, ms);
+  if (uses_wr(DIV)) o.wr = shift_numerator(o.wr, o.d_s, fs, o.m_s, ms, o.m_t, mt);
   o.d_s *= fs;
   o.d_t *= ft;
   o.m_s = ms;
@@ -89,13 +87,15 @@ __device__ __forceinline__ void shift_to(Pass1& x, float ms, float mt, const Con
 template <int32_t DIV>
 __device__ __forceinline__ void merge(Pass1& x, const Pass1& y, const Consts& K, bool hard_sep) {
   if (hard_sep) {
-    const float m = fmaxf(x.o.m_s, y.o.m_s);
-    x.d1 = x.d1 * rescale_factor(x.o.m_s, m, K.kh) + y.d1 * rescale_factor(y.o.m_s, m, K.kh);
+    const float m = fmaxf(x.o.m_s, y.o.m_s) * K.hr;
+    x.d1 = x.d1 * rescale_factor(x.o.m_s * K.hr, m) + y.d1 * rescale_factor(y.o.m_s * K.hr, m);
   }
-  online_merge<DIV>(x.o, y.o, K.ks, K.kt);
+  online_merge<DIV>(x.o, y.o);
 }
 
 __device__ __forceinline__ bool is_finite(float x) { return x - x == 0.0f; }
+
+
 
 // Adds the columns [G0, G0 + G) of one unit (zs, zt as float; -inf past the row's end) to x.
 template <int32_t DIV, int G0, int G, int N>
@@ -108,6 +108,8 @@ __device__ __forceinline__ void accumulate_group(Pass1& x, const float (&zs)[N],
     ums = fmaxf(ums, zs[k]);
     umt = fmaxf(umt, zt[k]);
   }
+  ums *= K.ks;  // the group's shifts (k > 0: the max of k z)
+  umt *= K.kt;
   // a new maximum: rare after the first units
   if (ums > x.o.m_s || umt > x.o.m_t)
     shift_to<DIV>(x, fmaxf(x.o.m_s, ums), fmaxf(x.o.m_t, umt), K, hard_sep);
@@ -115,8 +117,8 @@ __device__ __forceinline__ void accumulate_group(Pass1& x, const float (&zs)[N],
   float us[G], ut[G], es[G], et[G];
 #pragma unroll
   for (int k = 0; k < G; ++k) {
-    us[k] = (zs[G0 + k] - shs) * K.ks;
-    ut[k] = (zt[G0 + k] - sht) * K.kt;
+    us[k] = fmaf(zs[G0 + k], K.ks, -shs);
+    ut[k] = fmaf(zt[G0 + k], K.kt, -sht);
     es[k] = fd_exp2(us[k]);
     et[k] = fd_exp2(ut[k]);
     x.o.d_s += es[k];
@@ -143,7 +145,9 @@ __device__ __forceinline__ void accumulate_group(Pass1& x, const float (&zs)[N],
   }
   if (hard_sep) {
 #pragma unroll
-    for (int k = 0; k < G; ++k) x.d1 += fd_exp2((zs[G0 + k] - shs) * K.kh);
+    const float sh1 = finite_shift(x.o.m_s * K.hr);
+#pragma unroll
+    for (int k = 0; k < G; ++k) x.d1 += fd_exp2(fmaf(zs[G0 + k], K.kh, -sh1));
   }
 }
 
@@ -185,51 +189,72 @@ __device__ __forceinline__ Pass1 from_array(const float (&v)[pass1_floats<DIV>()
 
 __device__ __forceinline__ Pass1 empty_pass1() { return Pass1{online_empty<float>(), 0.0f}; }
 
+// The sums of a state (everything but the shifts), as an array for the sum reductions.
 template <int32_t DIV>
-__device__ __forceinline__ void warp_merge(Pass1& x, const Consts& K, bool hard_sep) {
-  constexpr int Q = pass1_floats<DIV>();
-#pragma unroll
-  for (int off = kWarp / 2; off > 0; off >>= 1) {
-    float v[Q];
-    to_array<DIV>(x, v);
-#pragma unroll
-    for (int i = 0; i < Q; ++i) v[i] = __shfl_down_sync(0xffffffffu, v[i], off);
-    merge<DIV>(x, from_array<DIV>(v), K, hard_sep);
-  }
+constexpr int pass1_sums() {
+  return pass1_floats<DIV>() - 2;
 }
 
-// The block's pass-1 state, returned to every thread. sm: (kWarp + 1) * pass1_floats floats.
+template <int32_t DIV>
+__device__ __forceinline__ void sums_of(const Pass1& x, float (&v)[pass1_sums<DIV>()]) {
+  int i = 0;
+  v[i++] = x.o.d_s; v[i++] = x.o.d_t; v[i++] = x.d1;
+  if (uses_wf(DIV)) v[i++] = x.o.wf;
+  if (uses_wr(DIV)) v[i++] = x.o.wr;
+}
+
+template <int32_t DIV>
+__device__ __forceinline__ Pass1 with_sums(float ms, float mt, const float (&v)[pass1_sums<DIV>()]) {
+  Pass1 x{Online<float>{ms, mt, v[0], v[1], 0.0f, 0.0f}, v[2]};
+  int i = 3;
+  if (uses_wf(DIV)) x.o.wf = v[i++];
+  if (uses_wr(DIV)) x.o.wr = v[i++];
+  return x;
+}
+
+__device__ __forceinline__ float warp_max_all(float x) {
+#pragma unroll
+  for (int off = kWarp / 2; off > 0; off >>= 1) x = fmaxf(x, __shfl_xor_sync(0xffffffffu, x, off));
+  return x;  // in every lane
+}
+
+// The union of the states of a warp, in lane 0, in two steps: the maxima (every state is moved to
+// them: one rescale per state), then plain sums (fixed trees: deterministic).
+template <int32_t DIV>
+__device__ __forceinline__ Pass1 warp_merge(Pass1 x, const Consts& K, bool hard_sep) {
+  const float ms = warp_max_all(x.o.m_s), mt = warp_max_all(x.o.m_t);
+  if (ms != x.o.m_s || mt != x.o.m_t) shift_to<DIV>(x, ms, mt, K, hard_sep);
+  float v[pass1_sums<DIV>()];
+  sums_of<DIV>(x, v);
+#pragma unroll
+  for (int i = 0; i < pass1_sums<DIV>(); ++i) v[i] = warp_sum(v[i]);
+  return with_sums<DIV>(ms, mt, v);
+}
+
+// The block's pass-1 state, returned to every thread, in the same two steps: the block's maxima,
+// then the sums. sm: kScratch floats ((kWarp + 1) * 8), the maxima in its last 64.
 template <int32_t DIV>
 __device__ __forceinline__ Pass1 block_merge(Pass1 x, const Consts& K, bool hard_sep, float* sm) {
-  constexpr int Q = pass1_floats<DIV>();
+  constexpr int Q = pass1_sums<DIV>();
+  static_assert(kWarp * Q + Q <= (kWarp + 1) * 8 - 2 * kWarp, "scratch regions do not overlap");
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
   const int nwarps = blockDim.x / kWarp;
-  float v[Q];
-  warp_merge<DIV>(x, K, hard_sep);
+  float* smax = sm + (kWarp + 1) * 8 - 2 * kWarp;
+  float ms = warp_max_all(x.o.m_s), mt = warp_max_all(x.o.m_t);
   if (lane == 0) {
-    to_array<DIV>(x, v);
-#pragma unroll
-    for (int i = 0; i < Q; ++i) sm[warp * Q + i] = v[i];
+    smax[2 * warp] = ms;
+    smax[2 * warp + 1] = mt;
   }
   __syncthreads();
-  if (warp == 0) {
-    Pass1 y = empty_pass1();
-    if (lane < nwarps) {
-#pragma unroll
-      for (int i = 0; i < Q; ++i) v[i] = sm[lane * Q + i];
-      y = from_array<DIV>(v);
-    }
-    warp_merge<DIV>(y, K, hard_sep);
-    if (lane == 0) {
-      to_array<DIV>(y, v);
-#pragma unroll
-      for (int i = 0; i < Q; ++i) sm[kWarp * Q + i] = v[i];
-    }
+  for (int w = 0; w < nwarps; ++w) {
+    ms = fmaxf(ms, smax[2 * w]);
+    mt = fmaxf(mt, smax[2 * w + 1]);
   }
-  __syncthreads();
-#pragma unroll
-  for (int i = 0; i < Q; ++i) v[i] = sm[kWarp * Q + i];
-  return from_array<DIV>(v);
+  if (ms != x.o.m_s || mt != x.o.m_t) shift_to<DIV>(x, ms, mt, K, hard_sep);
+  float v[Q];
+  sums_of<DIV>(x, v);
+  block_sum<Q>(v, sm);
+  return with_sums<DIV>(ms, mt, v);
 }
 
 // The row's statistics from its merged pass-1 state (per row: accurate log2f).
@@ -240,13 +265,14 @@ struct Row {
 };
 
 template <int32_t DIV>
-__device__ __forceinline__ Row finish_pass1(const Pass1& R, float beta, bool hard_sep) {
+__device__ __forceinline__ Row finish_pass1(const Pass1& R, float beta, float hr, bool hard_sep) {
   Row r;
   r.ok = row_ok(R.o.d_s, R.o.d_t);
   r.st.m_s = R.o.m_s;
   r.st.l_s = log2f(R.o.d_s);
   r.st.m_t = R.o.m_t;
   r.st.l_t = log2f(R.o.d_t);
+  r.st.m_1 = hard_sep ? R.o.m_s * hr : r.st.m_s;
   r.st.l_1 = hard_sep ? log2f(R.d1) : r.st.l_s;
   float rkl2 = 0.0f;
   r.div = pass1_divergence<DIV>(R.o, beta, rkl2);
@@ -313,42 +339,80 @@ __device__ __forceinline__ void pass2_unit(const float (&zs)[N], const float (&z
 }
 
 // ---- pass 3: the gradient of one unit ------------------------------------------------------------
+// Per-row constants of the gradient.
+struct GradConsts {
+  float cs;  // grad_scale soft_scale s_mul (d/dz = s_mul d/da)
+  float ch;  // grad_scale hard_weight h_mul (0: no hard loss)
+  // The KL family from the shifted exponentials e_s = 2^(k_s z_s - m_s), e_t = 2^(k_t z_t - m_t)
+  // and x = u_s - u_t - (l_s - l_t + aux) = lq2 - lp2 - aux (log2 units):
+  //   g = e_s (a1 x + b1) - c1 e_t
+  // forward KL: a1 = 0, b1 = cs 2^-l_s, c1 = cs 2^-l_t; reverse KL: a1 = ln 2 cs 2^-l_s, b1 = 0,
+  // c1 = 0; symmetric KL with ratio r: a1 = (1 - r) ln 2 cs 2^-l_s, b1 = r cs 2^-l_s,
+  // c1 = r cs 2^-l_t; plus ch 2^-l_s in b1 when the hard loss shares the student's LSE.
+  float a1, b1, c1, x0;
+};
+
+template <int32_t DIV>
+__device__ __forceinline__ GradConsts grad_consts(const RowStats& st, float gscale,
+                                                  const DistillParams& P, bool hard,
+                                                  bool hard_sep) {
+  GradConsts c;
+  c.cs = gscale * P.soft_scale * P.s_mul;
+  c.ch = hard ? gscale * P.hard_weight * P.h_mul : 0.0f;
+  const float ps = fd_exp2(-st.l_s), pt = fd_exp2(-st.l_t);
+  const float r = DIV == kForwardKL ? 1.0f : (DIV == kReverseKL ? 0.0f : P.beta);
+  c.a1 = (1.0f - r) * kLn2 * c.cs * ps;
+  c.b1 = (r * c.cs + (hard && !hard_sep ? c.ch : 0.0f)) * ps;
+  c.c1 = r * c.cs * pt;
+  c.x0 = st.l_s - st.l_t + st.aux;
+  return c;
+}
+
 // g[k] = dloss/dz_s for the columns of the unit, from the row's statistics (and h when pass 2
-// kept it: use_h, H). c_soft = grad_scale soft_scale s_mul; c_hard = grad_scale hard_weight
-// h_mul (0: no hard loss); lk = the label's position in the unit (or out of [0, N)).
+// kept it: use_h, H); the hard loss (c.ch != 0) in a block of its own after the soft part (one
+// branch per unit; lk = the label's position in the unit, or out of [0, N)).
 template <int32_t DIV, int N>
 __device__ __forceinline__ void grad_unit(const float (&zs)[N], const float (&zt)[N],
                                           bool use_h, const float (&H)[N], const RowStats& st,
-                                          const Consts& K,
-                                          float c_soft, float c_hard, bool hard_sep, int lk,
-                                          float (&g)[N]) {
+                                          const Consts& K, const GradConsts& c, bool hard_sep,
+                                          int lk, float (&g)[N]) {
   const float aux = st.aux;
 #pragma unroll
   for (int k = 0; k < N; ++k) {
-    const float lq2 = log2_prob(zs[k], st.m_s, K.ks, st.l_s);
-    const float q = fd_exp2(lq2);
-    float d;
-    if (use_h) {
-      d = grad_from_h(q, H[k], aux);
-    } else if constexpr (DIV == kForwardKL) {
-      d = q - fd_exp2(log2_prob(zt[k], st.m_t, K.kt, st.l_t));
-    } else if constexpr (DIV == kReverseKL || DIV == kSymmetricKL) {
-      // q (lq - lp - KL) without a guard: the clamps keep 0 (-inf - -inf) out where q = 0; a row
-      // whose lp2 is -inf where q > 0 has an undefined gradient (NaN, set by the caller)
-      const float lp2 = log2_prob(zt[k], st.m_t, K.kt, st.l_t);
-      const float r = kLn2 * q * ((fmaxf(lq2, -1e30f) - fmaxf(lp2, -1e35f)) - aux);
-      d = DIV == kReverseKL ? r : K.mw.beta * (q - fd_exp2(lp2)) + (1.0f - K.mw.beta) * r;
+    if constexpr (DIV == kForwardKL) {
+      const float es = fd_exp2(fmaf(zs[k], K.ks, -st.m_s));
+      const float et = fd_exp2(fmaf(zt[k], K.kt, -st.m_t));
+      g[k] = fmaf(c.b1, es, -c.c1 * et);
+    } else if (!use_h && (DIV == kReverseKL || DIV == kSymmetricKL)) {
+      // no guard on lq - lp: the clamps keep 0 (-inf - -inf) out where q = 0; a row whose lp2
+      // is -inf where q > 0 has an undefined gradient (NaN, set by the caller)
+      const float us = fmaf(zs[k], K.ks, -st.m_s), ut = fmaf(zt[k], K.kt, -st.m_t);
+      const float es = fd_exp2(us);
+      const float x = (fmaxf(us, -1e30f) - fmaxf(ut, -1e35f)) - c.x0;
+      float v = es * fmaf(c.a1, x, c.b1);
+      if (DIV == kSymmetricKL) v = fmaf(-c.c1, fd_exp2(ut), v);
+      g[k] = v;
     } else {
-      d = soft_grad<DIV>(lq2, log2_prob(zt[k], st.m_t, K.kt, st.l_t), K.mw, aux);
+      const float lq2 = log2_prob(zs[k], st.m_s, K.ks, st.l_s);
+      const float q = fd_exp2(lq2);
+      const float d = use_h ? grad_from_h(q, H[k], aux)
+                            : soft_grad<DIV>(lq2, log2_prob(zt[k], st.m_t, K.kt, st.l_t), K.mw,
+                                             aux);
+      g[k] = c.cs * d;
     }
-    float v = c_soft * d;
-    if (c_hard != 0.0f) {
-      // softmax of h_mul z_s (when h_mul == s_mul it is q: l_1 = l_s)
-      const float q1 = hard_sep ? fd_exp2(log2_prob(zs[k], st.m_s, K.kh, st.l_1)) : q;
-      v = fmaf(c_hard, q1, v);
-      if (k == lk) v -= c_hard;
+  }
+  if (c.ch != 0.0f) {
+    // the softmax of h_mul z_s, minus 1 at the label
+#pragma unroll
+    for (int k = 0; k < N; ++k) {
+      const float m = hard_sep ? st.m_1 : st.m_s, l = hard_sep ? st.l_1 : st.l_s;
+      const float kk = hard_sep ? K.kh : K.ks;
+      // (in b1 for the KL family when it shares the student's LSE)
+      const bool in_b1 = !hard_sep && (DIV == kForwardKL || (!use_h && (DIV == kReverseKL ||
+                                                                         DIV == kSymmetricKL)));
+      if (!in_b1) g[k] = fmaf(c.ch, fd_exp2(log2_prob(zs[k], m, kk, l)), g[k]);
+      if (k == lk) g[k] -= c.ch;
     }
-    g[k] = v;
   }
 }
 
@@ -389,12 +453,12 @@ struct KernelArgs {
   Consts k;
 };
 
-// The hard loss: CE = LSE(h z) - h z[label] = ((m_s - z[label]) k_h + l_1) ln 2 (no cancellation
-// of large logits), and the row's loss.
+// The hard loss: CE = LSE(h z) - h z[label] = (m_1 - k_h z[label] + l_1) ln 2, the difference
+// formed by one fused multiply-add (no cancellation of large logits), and the row's loss.
 __device__ __forceinline__ float row_loss(const Row& r, float div, float soft_scale,
                                           float hard_weight, bool hard, float z_label, float kh) {
   const double hard_loss =
-      hard ? double(kLn2) * (double((r.st.m_s - z_label) * kh) + double(r.st.l_1)) : 0.0;
+      hard ? double(kLn2) * (-double(fmaf(z_label, kh, -r.st.m_1)) + double(r.st.l_1)) : 0.0;
   return r.ok ? float(double(soft_scale) * double(div) + double(hard_weight) * hard_loss)
               : fd_nan();
 }
@@ -404,7 +468,7 @@ template <int32_t SD, int32_t DIV>
 __global__ void __launch_bounds__(kThreads, 3) distill_stream_kernel(const KernelArgs KA) {
   const DistillArgs& A = KA.a;
   const Consts& K = KA.k;
-  __shared__ float sm1[(kWarp + 1) * 7];
+  __shared__ float sm1[(kWarp + 1) * 8];
   __shared__ float sm2[(kWarp + 1) * 2];
   constexpr int N = unit_cols<SD>();
   const int64_t row = blockIdx.x;
@@ -436,7 +500,7 @@ __global__ void __launch_bounds__(kThreads, 3) distill_stream_kernel(const Kerne
                     [&](int, const float(&zs)[N], const float(&zt)[N]) {
                       accumulate<DIV, 4>(x, zs, zt, K, hard_sep);
                     });
-  Row r = finish_pass1<DIV>(block_merge<DIV>(x, K, hard_sep, sm1), P.beta, hard_sep);
+  Row r = finish_pass1<DIV>(block_merge<DIV>(x, K, hard_sep, sm1), P.beta, K.hr, hard_sep);
   float div = r.div;
 
   // ---- pass 2: loss and aux for the mixture / tvd divergences (block-uniform branch) ----
@@ -463,13 +527,11 @@ __global__ void __launch_bounds__(kThreads, 3) distill_stream_kernel(const Kerne
   // ---- pass 3: gradient, columns >= V zero; NaN where the row's gradient is undefined ----
   if (!grow) return;
   const bool nan_row = !r.ok || grad_undefined<DIV>(r.st.aux);
-  const float gs = *A.grad_scale;
-  const float cs = gs * P.soft_scale * P.s_mul;  // d/dz = s_mul d/da
-  const float ch = hard ? gs * P.hard_weight * P.h_mul : 0.0f;
+  const GradConsts gc = grad_consts<DIV>(r.st, *A.grad_scale, P, hard, hard_sep);
   for_each_unit<SD>(srow, trow, A.t_dtype, W, V, vec,
                     [&](int c, const float(&zs)[N], const float(&zt)[N]) {
                       float g[N];
-                      grad_unit<DIV>(zs, zt, false, zt, r.st, K, cs, ch, hard_sep, lab - c, g);
+                      grad_unit<DIV>(zs, zt, false, zt, r.st, K, gc, hard_sep, lab - c, g);
 #pragma unroll
                       for (int k = 0; k < N; ++k)
                         g[k] = k < V - c ? (nan_row ? fd_nan() : g[k]) : 0.0f;
@@ -519,12 +581,32 @@ __device__ __forceinline__ uint32_t neg_inf_bits() {
   return DT == kFloat32 ? 0xff800000u : (DT == kBFloat16 ? 0xff80u : 0xfc00u);
 }
 
-// One 16-byte vector at address v into the slot `dst`: by cp.async when it lies wholly inside the
-// row's bytes [lo, hi), else element by element (-inf bits outside the row).
+// A row's slice as 16-byte vectors: vector i is the aligned 16 bytes at base + 16 i, base =
+// (row & ~15) + c0 E; vectors [full_lo, full_hi) lie wholly inside the row's bytes [lo, hi).
+struct SliceVectors {
+  uintptr_t base, lo, hi;
+  int full_lo, full_hi;
+};
+
 template <int32_t DT>
-__device__ __forceinline__ void stage_vector(uintptr_t v, uintptr_t lo, uintptr_t hi, uint4* dst) {
+__device__ __forceinline__ SliceVectors slice_vectors(const void* row, int c0, int V) {
   constexpr int E = DT == kFloat32 ? 4 : 2;
-  if (v >= lo && v + 16 <= hi) {
+  SliceVectors sv;
+  sv.lo = reinterpret_cast<uintptr_t>(row);
+  sv.hi = sv.lo + uintptr_t(V) * E;
+  sv.base = (sv.lo & ~uintptr_t(15)) + uintptr_t(c0) * E;
+  sv.full_lo = sv.base < sv.lo ? 1 : 0;  // only the first slice of a misaligned row
+  sv.full_hi = sv.hi >= sv.base + 16 ? int((sv.hi - sv.base) / 16) : 0;
+  return sv;
+}
+
+// Vector i of a slice into the slot `dst`: by cp.async when it lies wholly inside the row, else
+// element by element (-inf bits outside the row).
+template <int32_t DT>
+__device__ __forceinline__ void stage_vector(const SliceVectors& sv, int i, uint4* dst) {
+  constexpr int E = DT == kFloat32 ? 4 : 2;
+  const uintptr_t v = sv.base + uintptr_t(i) * 16;
+  if (i >= sv.full_lo && i < sv.full_hi) {
     copy_async16(dst, reinterpret_cast<const void*>(v));
     return;
   }
@@ -532,7 +614,7 @@ __device__ __forceinline__ void stage_vector(uintptr_t v, uintptr_t lo, uintptr_
 #pragma unroll
   for (int e = 0; e < 16 / E; ++e) {
     const uintptr_t p = v + uintptr_t(e) * E;
-    const bool in = p >= lo && p + E <= hi;
+    const bool in = p >= sv.lo && p + E <= sv.hi;
     uint32_t bits;
     if (E == 4)
       bits = in ? *reinterpret_cast<const uint32_t*>(p) : neg_inf_bits<DT>();
@@ -544,29 +626,6 @@ __device__ __forceinline__ void stage_vector(uintptr_t v, uintptr_t lo, uintptr_
       w[e / 2] |= bits << (16 * (e % 2));
   }
   *dst = make_uint4(w[0], w[1], w[2], w[3]);
-}
-
-// Copies the slices from column c0 of the student and teacher rows (V elements each) into the
-// slots S and Tt: slot i <- the aligned 16-byte vector at (row & ~15) + c0 E + 16 i, for i below
-// ns (student) and nt (teacher). Thread t copies the vectors t, t + T, ... and commits one group
-// per index (its i-th group holds both rows' vector i). Returns the groups it committed.
-template <int32_t DT>
-__device__ __forceinline__ int stage_slices(const void* srow, const void* trow, int c0, int V,
-                                            int ns, int nt, uint4* S, uint4* Tt) {
-  constexpr int E = DT == kFloat32 ? 4 : 2;
-  const uintptr_t sa = reinterpret_cast<uintptr_t>(srow), ta = reinterpret_cast<uintptr_t>(trow);
-  const uintptr_t sb = (sa & ~uintptr_t(15)) + uintptr_t(c0) * E;
-  const uintptr_t tb = (ta & ~uintptr_t(15)) + uintptr_t(c0) * E;
-  const uintptr_t bytes = uintptr_t(V) * E;
-  const int n = ns > nt ? ns : nt;
-  int groups = 0;
-  for (int i = threadIdx.x; i < n; i += blockDim.x) {
-    if (i < ns) stage_vector<DT>(sb + uintptr_t(i) * 16, sa, sa + bytes, S + i);
-    if (i < nt) stage_vector<DT>(tb + uintptr_t(i) * 16, ta, ta + bytes, Tt + i);
-    commit_async();
-    ++groups;
-  }
-  return groups;
 }
 
 template <int32_t DT, int N>
@@ -622,7 +681,7 @@ __device__ __forceinline__ void fill_columns(void* row, int c_begin, int c_end, 
 }
 
 template <int32_t DT, int32_t DIV>
-__global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs RA) {
+__global__ void __launch_bounds__(kResThreads, 3) distill_kernel(const ResidentArgs RA) {
   extern __shared__ uint4 fd_smem[];
   constexpr int N = unit_cols<DT>();
   constexpr int E = DT == kFloat32 ? 4 : 2;
@@ -663,22 +722,53 @@ __global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs
   // ---- pass 1: the slice into shared memory, statistics while it lands ----
   const int as = int(reinterpret_cast<uintptr_t>(srow) & 15);
   const int at = int(reinterpret_cast<uintptr_t>(trow) & 15);
-  const int nvs = U + (as != 0 && U > 0), nvt = U + (at != 0 && U > 0);
-  const int groups = stage_slices<DT>(srow, trow, c0, V, nvs, nvt, S, Tt);
   Pass1 x = empty_pass1();
   if (as == 0 && at == 0) {
-    // thread t consumes the units it copied, each as soon as its group has landed
-    int i = 0;
-    for (int u = tid; u < U; u += T, ++i) {
-      wait_async(groups - 1 - i);
+    // Thread t copies and consumes the units t, t + T, ...: kDepth of them in flight, one commit
+    // group each (empty past the end), so the wait before unit i is for all but the kDepth - 1
+    // newest groups: a constant. A partial last unit (the row's end) is loaded element by
+    // element beforehand.
+    constexpr int kDepth = 8;
+    const int uf = (cv - c0) / N;  // whole units
+    if (uf < U && tid == uf % T) {
+      stage_vector<DT>(slice_vectors<DT>(srow, c0, V), uf, S + uf);
+      stage_vector<DT>(slice_vectors<DT>(trow, c0, V), uf, Tt + uf);
+    }
+    const uint4* gs = reinterpret_cast<const uint4*>(srow) + c0 / N;
+    const uint4* gt = reinterpret_cast<const uint4*>(trow) + c0 / N;
+#pragma unroll
+    for (int i = 0; i < kDepth; ++i) {
+      const int u = tid + i * T;
+      if (u < uf) {
+        copy_async16(S + u, gs + u);
+        copy_async16(Tt + u, gt + u);
+      }
+      commit_async();
+    }
+    for (int u = tid; u < U; u += T) {
+      wait_async(kDepth - 1);
       float zs[N], zt[N];
       slot_floats<DT>(S[u], zs);
       slot_floats<DT>(Tt[u], zt);
+      const int un = u + kDepth * T;
+      if (un < uf) {
+        copy_async16(S + un, gs + un);
+        copy_async16(Tt + un, gt + un);
+      }
+      commit_async();
       accumulate<DIV, N>(x, zs, zt, K, hard_sep);
     }
   } else {
-    // realign in place, one round of T units at a time: unit u reads slots u and u + 1 (read
-    // all, barrier, write all); the next round reads slots no thread has written yet
+    // Copy every vector (one more than the units for a misaligned row: its last unit ends in
+    // it), then realign in place, one round of T units at a time: unit u reads slots u and
+    // u + 1 (read all, barrier, write all); the next round reads slots no thread has written.
+    const int nvs = U + (as != 0 && U > 0), nvt = U + (at != 0 && U > 0);
+    const SliceVectors svs = slice_vectors<DT>(srow, c0, V), svt = slice_vectors<DT>(trow, c0, V);
+    for (int i = tid; i < (nvs > nvt ? nvs : nvt); i += T) {
+      if (i < nvs) stage_vector<DT>(svs, i, S + i);
+      if (i < nvt) stage_vector<DT>(svt, i, Tt + i);
+    }
+    commit_async();
     wait_async(0);
     __syncthreads();
     const uint32_t* ws = reinterpret_cast<const uint32_t*>(S);
@@ -720,7 +810,7 @@ __global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs
         for (int i = 0; i < Q; ++i) v[i] = peer[i];
         y = from_array<DIV>(v);
       }
-      warp_merge<DIV>(y, K, hard_sep);
+      y = warp_merge<DIV>(y, K, hard_sep);
       if (tid == 0) {
         float v[Q];
         to_array<DIV>(y, v);
@@ -734,7 +824,7 @@ __global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs
     for (int i = 0; i < Q; ++i) v[i] = scratch[kWarp * 8 + i];
     R = from_array<DIV>(v);
   }
-  Row r = finish_pass1<DIV>(R, P.beta, hard_sep);
+  Row r = finish_pass1<DIV>(R, P.beta, K.hr, hard_sep);
   float div = r.div;
 
   // ---- pass 2 (jsd, skew_*, tvd): loss and aux from shared memory, h_j kept ----
@@ -811,43 +901,42 @@ __global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs
   // ---- pass 3: the gradient from shared memory ----
   if (grow) {
     const bool nan_row = !r.ok || grad_undefined<DIV>(r.st.aux);
-    const float gsc = *A.grad_scale;
-    const float cs = gsc * P.soft_scale * P.s_mul;
-    const float ch = hard ? gsc * P.hard_weight * P.h_mul : 0.0f;
     const int ag = int(reinterpret_cast<uintptr_t>(grow) & 15);
-    const bool use_h = needs_pass2(DIV) && keep_h && r.ok;
     char* gbase = static_cast<char*>(grow) + int64_t(c0) * E;
-    for (int u = tid; u < U; u += T) {
-      float zs[N], zt[N], g[N];
-      slot_floats<DT>(S[u], zs);
-      if (use_h && !h_in_place<DT, DIV>()) {
+    if (nan_row) {
+      fill_columns<DT>(grow, c0, cv > c0 ? cv : c0, fd_nan());
+    } else {
+      const GradConsts gc = grad_consts<DIV>(r.st, *A.grad_scale, P, hard, hard_sep);
+      const bool use_h = needs_pass2(DIV) && keep_h;
+      for (int u = tid; u < U; u += T) {
+        float zs[N], zt[N], g[N];
+        slot_floats<DT>(S[u], zs);
+        if (use_h && !h_in_place<DT, DIV>()) {
 #pragma unroll
-        for (int i = 0; i < N; i += 4) {
-          const float4 f = *reinterpret_cast<const float4*>(H + u * N + i);
-          zt[i] = f.x; zt[i + 1] = f.y; zt[i + 2] = f.z; zt[i + 3] = f.w;
+          for (int i = 0; i < N; i += 4) {
+            const float4 f = *reinterpret_cast<const float4*>(H + u * N + i);
+            zt[i] = f.x; zt[i + 1] = f.y; zt[i + 2] = f.z; zt[i + 3] = f.w;
+          }
+        } else {
+          slot_floats<DT>(Tt[u], zt);  // the teacher's logits, or h in their place
         }
-      } else {
-        slot_floats<DT>(Tt[u], zt);  // the teacher's logits, or h in their place
-      }
-      grad_unit<DIV>(zs, zt, use_h, zt, r.st, K, cs, ch, hard_sep, lab - (c0 + u * N), g);
-      const int n = cv - (c0 + u * N);  // columns of the unit in the row (N but for the last)
+        grad_unit<DIV>(zs, zt, use_h, zt, r.st, K, gc, hard_sep, lab - (c0 + u * N), g);
+        const int n = cv - (c0 + u * N);  // columns of the unit in the row: N but for the last
+        if (ag == 0 && n >= N) {
+          *reinterpret_cast<uint4*>(gbase + int64_t(u) * 16) = floats_slot<DT>(g);
+        } else if (ag == 0) {
 #pragma unroll
-      for (int k = 0; k < N; ++k) g[k] = k < n ? (nan_row ? fd_nan() : g[k]) : 0.0f;
-      if (ag == 0 && n >= N) {
-        *reinterpret_cast<uint4*>(gbase + int64_t(u) * 16) = floats_slot<DT>(g);
-      } else if (ag == 0) {
-#pragma unroll
-        for (int k = 0; k < N; ++k) {
-          if (k >= n) continue;
-          if (DT == kFloat32)
-            reinterpret_cast<float*>(gbase)[u * N + k] = g[k];
-          else
-            reinterpret_cast<uint16_t*>(gbase)[u * N + k] = to_bits16<DT>(g[k]);
+          for (int k = 0; k < N; ++k) {
+            if (k >= n) continue;
+            if (DT == kFloat32)
+              reinterpret_cast<float*>(gbase)[u * N + k] = g[k];
+            else
+              reinterpret_cast<uint16_t*>(gbase)[u * N + k] = to_bits16<DT>(g[k]);
+          }
+        } else {
+          S[u] = floats_slot<DT>(g);  // staged: this thread has read S[u], nobody else reads it
         }
-      } else {
-        S[u] = floats_slot<DT>(g);  // staged: this thread has read S[u]; nobody else reads it
       }
-    }
     if (ag != 0 && U > 0) {
       // misaligned gradient row: aligned 16-byte stores out of the staged slots (output vector i
       // holds the slice's bytes [16 i - ag, 16 i - ag + 16)), element stores at the slice's ends
@@ -872,6 +961,7 @@ __global__ void __launch_bounds__(kResThreads) distill_kernel(const ResidentArgs
           }
         }
       }
+    }
     }
     fill_columns<DT>(grow, cv > c0 ? cv : c0, cw, 0.0f);  // columns >= V (the last CTA)
   }
@@ -913,6 +1003,26 @@ struct Plan {
   int64_t bytes = 0;
 };
 
+// Threads of a CTA for a slice of su units: every thread loops over ceil(su / T) units; among
+// whole-warp sizes up to kResThreads (at least 128 where the slice allows), the one that leaves
+// the fewest idle unit slots (fewer loop trips on a tie).
+int resident_threads(int64_t su) {
+  const int64_t t0 = (su + kResThreads - 1) / kResThreads;
+  int best_t = kResThreads;
+  double best_eff = -1.0;
+  for (int64_t trips = t0; trips <= t0 + 2; ++trips) {
+    int64_t th = ((su + trips - 1) / trips + kWarp - 1) / kWarp * kWarp;
+    th = th < kWarp ? kWarp : th;
+    if (th < 128 && trips > t0) break;
+    const double eff = double(su) / double(trips * th);
+    if (eff > best_eff + 1e-9) {
+      best_eff = eff;
+      best_t = int(th);
+    }
+  }
+  return best_t;
+}
+
 // Shared memory that leaves room for 3 CTAs per SM (228 KB on sm_90, 164 KB on sm_80).
 constexpr int64_t kPreferredBytes = 72 << 10;
 
@@ -946,9 +1056,7 @@ Plan plan_resident(const DistillArgs& A, const DeviceInfo& dev) {
       best.slice_units = int(su);
       best.store_h = t.h;
       best.bytes = bytes;
-      // about 4 units per thread, whole warps, at most kResThreads
-      const int64_t th = ((su + 3) / 4 + kWarp - 1) / kWarp * kWarp;
-      best.threads = int(th < kWarp ? kWarp : (th > kResThreads ? kResThreads : th));
+      best.threads = resident_threads(su);
       return best;
     }
   }
@@ -1033,7 +1141,7 @@ int32_t launch(const DistillArgs& A, cudaStream_t stream) {
   dispatch_divergence(A.params.divergence, [&](auto tag) {
     constexpr int32_t DIV = decltype(tag)::value;
     const Consts K{A.params.s_mul * kLog2e, A.params.t_mul * kLog2e, A.params.h_mul * kLog2e,
-                   mix_weights<DIV>(A.params.beta)};
+                   A.params.h_ratio, mix_weights<DIV>(A.params.beta)};
     if (pl.cluster) {
       status = launch_resident<SD, DIV>(A, K, pl, stream);
     } else {

@@ -142,6 +142,7 @@ class LoopInfo:
     widest_load: str
     mma: Dict[str, int]
     depth: int
+    shared_load_bits: int = 0  # shared-memory bits loaded per thread (LDS)
     elems: float = 0.0         # elements per thread per iteration (streaming loops)
     elems_from_loads: float = 0.0
     kind: str = ""             # stream (a pass over the row), tile (over logit tiles), k (GEMM)
@@ -230,7 +231,7 @@ def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int) -> LoopInfo:
     static = sum(len(cfg.block_instrs(b)) for b in blocks if b not in inner)
     start, end = cfg.loop_range(loop) if loop is not None else (0, cfg.ins[-1].addr)
     return LoopInfo(start, end, c.instr, static, c.mufu, c.barriers, c.shuffles, c.load_bits,
-                    c.store_bits, c.widest_load, c.mma, depth)
+                    c.store_bits, c.widest_load, c.mma, depth, shared_load_bits=c.shared_load_bits)
 
 
 def stream_bytes_per_elem(op: str, dtype: str) -> int:
@@ -271,16 +272,26 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
     threads = threads or rec.get("threads") or 32 * rec.get("num_warps", 4)
     loops = []
     per_elem = stream_bytes_per_elem(op, dtype)
+    resident = rec["backend"] == "cuda" and op == "distill"
     for lp, info in infos:
         if info.mma:
             info.kind = "k"
         elif lp.children and any(infos[k][1].mma for k in lp.children):
             info.kind = "tile"
+        elif resident:
+            info.kind = _cuda_distill_kind(info)
         elif info.load_bits and op != "linear":
             info.kind = "stream"
         else:
             info.kind = "other"          # zero-fill of ignored rows, split merges, ...
-        if info.kind == "stream":
+        if info.kind == "stream" and resident:
+            # elements of the row one trip handles: a gradient pass by its stores (E bytes per
+            # element), the others by the student and teacher bytes they read, from global or
+            # shared memory
+            e = ESIZE[dtype]
+            info.elems_from_loads = info.store_bits / 8 / e if info.store_bits else \
+                (info.shared_load_bits or info.load_bits) / 8 / per_elem
+        elif info.kind == "stream":
             info.elems_from_loads = info.load_bits / 8 / per_elem
         if info.kind in ("stream", "tile"):
             tile = _tile(rec)
@@ -300,6 +311,19 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
                  rec["local"] + rec["stack"], rec.get("shared", 0), loops, body, body_elems)
     a.ctas_per_sm = _occupancy(m, a.regs, threads, a.shared)
     return a
+
+
+def _cuda_distill_kind(info: LoopInfo) -> str:
+    """The passes of the CUDA distill kernels (csrc/cuda/distill_cuda.cu): loops that compute
+    exponentials on the row read from global memory (the stream kernel's passes) or from shared
+    memory (the resident kernel's statistics, which also keep its copies into shared memory in
+    flight, loss and gradient passes). Not passes: loops with a block barrier on their path (the
+    in-place realignment of an unaligned row, one round of units per barrier: the aligned path
+    has none), and loops that only move bytes (zero fills, the copies of an unaligned row into
+    shared memory, the aligned stores of an unaligned gradient row)."""
+    if info.barriers or not info.mufu:
+        return "other"
+    return "stream" if info.load_bits or info.shared_load_bits else "other"
 
 
 def _scalar_bits(cfg: S.CFG) -> int:
@@ -329,10 +353,13 @@ def cuda_records(arch: int) -> List[Dict[str, Any]]:
         if r["arch"] != arch:
             continue
         f = r["name"]
-        m = re.search(r"distill_kernelILi(\d)ELi(\d)E", f)
+        # the resident kernel (the default) and the stream kernel (fallback), by their
+        # length-prefixed mangled names
+        m = re.search(r"(14distill_kernel|21distill_stream_kernel)ILi(\d)ELi(\d)E", f)
         if m:
-            rec = dict(r, kernel="distill_kernel", op="distill", dtype=_DT[int(m.group(1))],
-                       divergence=names[int(m.group(2))], variant="bench")
+            rec = dict(r, kernel="distill_kernel", op="distill", dtype=_DT[int(m.group(2))],
+                       divergence=names[int(m.group(3))],
+                       variant="bench" if m.group(1) == "14distill_kernel" else "stream")
         elif re.search(r"feature_kernelILi(\d)ELb([01])E", f):
             m = re.search(r"feature_kernelILi(\d)ELb([01])E", f)
             rec = dict(r, kernel="feature_kernel", op="feature", dtype=_DT[int(m.group(1))],
@@ -419,10 +446,97 @@ def _rows_stream(m: Machine, a: Analysis, programs: int, width: int, passes: int
     return _finish(m, hbm, programs * warps * per_thread, programs * a.threads * mufu)
 
 
-def estimate_distill(m: Machine, a: Analysis, N: int, V: int) -> Estimate:
+def estimate_distill(m: Machine, a: Analysis, N: int, V: int,
+                     stream: Optional[Analysis] = None) -> Estimate:
+    """A logit-level kernel at N x V. The CUDA resident kernel (variant "bench") runs the plan
+    its launcher picks (resident_plan), or the stream kernel (`stream`, its analysis) when no
+    plan fits."""
     e = ESIZE[a.dtype]
+    if a.backend == "cuda" and a.variant == "bench":
+        plan = resident_plan(m, a.dtype, a.divergence, V)
+        if plan is not None:
+            return _resident(m, a, plan, N, V)
+        a = stream if stream is not None else a
     passes = 2 if a.divergence in TWO_PASS else 3
     return _rows_stream(m, a, N, V, passes, 2 * e, e)
+
+
+# ---- the CUDA resident kernel (csrc/cuda/distill_cuda.cu: plan_resident, resident_bytes) -----
+RES_HEADER_SLOTS = (16 + (32 + 1) * 8) * 4 // 16   # kHeaderSlots: exchange areas and scratch
+RES_PREFERRED_BYTES = 72 << 10                     # kPreferredBytes: 3 CTAs per SM
+RES_MAX_THREADS = 256                              # kResThreads
+SMEM_OPTIN = {90: 227 << 10, 80: 163 << 10}        # opt-in dynamic shared memory per block
+MIX_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class ResidentPlan:
+    cluster: int        # CTAs per row
+    slice_units: int    # 16-byte units of the student per CTA
+    store_h: bool       # pass 2 keeps h_j in shared memory
+    threads: int
+    smem_bytes: int
+
+
+def resident_bytes(dtype: str, divergence: str, su: int, store_h: bool) -> int:
+    n = 16 // ESIZE[dtype]
+    in_place = dtype == "fp32" or divergence == "tvd"
+    extra = 4 * su * n if store_h and divergence in MIX_DIVERGENCES and not in_place else 0
+    return 16 * (RES_HEADER_SLOTS + 2 * (su + 1)) + extra
+
+
+def resident_plan(m: Machine, dtype: str, divergence: str, V: int, grad: bool = True,
+                  n_rows: int = 1) -> Optional[ResidentPlan]:
+    """The configuration the CUDA launcher picks for a row of V columns (the same rules as
+    plan_resident in csrc/cuda/distill_cuda.cu; tests/test_cuda_paths.py holds the two equal
+    through the emulated launcher): None when the stream kernel runs."""
+    n = 16 // ESIZE[dtype]
+    optin = SMEM_OPTIN.get(m.arch, 227 << 10)
+    max_cluster = 16 if m.arch >= 90 else 1
+    want_h = divergence in MIX_DIVERGENCES and grad
+    tiers = [(True, RES_PREFERRED_BYTES, True), (True, optin, False),
+             (False, RES_PREFERRED_BYTES, True), (False, optin, False)]
+    for h, limit, smallest in tiers:
+        if h and not want_h:
+            continue
+        sizes = [1, 2, 4, 8, 16] if smallest else [16, 8, 4, 2, 1]
+        for c in sizes:
+            if c > max_cluster:
+                continue
+            su = ((V + c - 1) // c + n - 1) // n
+            b = resident_bytes(dtype, divergence, su, h)
+            if b > limit or b > optin or n_rows * c > 2 ** 31 - 1:
+                continue
+            return ResidentPlan(c, su, h, resident_threads(su), b)
+    return None
+
+
+def resident_threads(su: int) -> int:
+    """Threads per CTA for a slice of su units (resident_threads in distill_cuda.cu)."""
+    t0 = -(-su // RES_MAX_THREADS)
+    best_t, best_eff = RES_MAX_THREADS, -1.0
+    for trips in range(t0, t0 + 3):
+        th = max(32, (-(-su // trips) + 31) // 32 * 32)
+        if th < 128 and trips > t0:
+            break
+        eff = su / (trips * th)
+        if eff > best_eff + 1e-9:
+            best_t, best_eff = th, eff
+    return best_t
+
+
+def _resident(m: Machine, a: Analysis, plan: ResidentPlan, N: int, V: int) -> Estimate:
+    """N rows of V columns, each in `plan.cluster` CTAs of `plan.threads` threads; every pass
+    loops over the thread's units (ceil(slice units / threads) trips); HBM: the row read once
+    and the gradient written once, by construction (later passes read shared memory)."""
+    e = ESIZE[a.dtype]
+    programs = N * plan.cluster
+    warps = math.ceil(plan.threads / 32)
+    trips = math.ceil(plan.slice_units / plan.threads)
+    per_thread = a.body.instr + trips * sum(lp.instr for lp in a.streams)
+    mufu = a.body.mufu_total + trips * sum(lp.mufu_total for lp in a.streams)
+    hbm = N * V * (2 * e + e)
+    return _finish(m, hbm, programs * warps * per_thread, programs * plan.threads * mufu)
 
 
 def size_cuda_feature_block(m: Machine, a: Analysis, D: int) -> None:
@@ -556,16 +670,30 @@ def build_table(analyses: Sequence[Analysis], m: Machine = H200) -> List[Dict[st
     by = {}
     for a in analyses:
         by.setdefault((a.op, a.backend), []).append(a)
-    # logit level: every V of the presets, both dtypes, every divergence
+    # logit level: every V of the presets, both dtypes, every divergence (the CUDA rows: the
+    # resident kernel with the plan its launcher picks at that V, or the stream kernel)
+    streams = {(a.dtype, a.divergence): a for a in by.get(("distill", "cuda"), [])
+               if a.variant == "stream"}
     for a in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
                     key=lambda a: (a.backend, a.dtype, a.divergence)):
         if a.variant != "bench" or a.dtype not in DTYPES:
             continue
         e = ESIZE[a.dtype]
         for V in LOGIT_VOCABS:
-            est = estimate_distill(m, a, N_TOKENS, V)
+            shown = a
+            if a.backend == "cuda":
+                stream = streams.get((a.dtype, a.divergence))
+                plan = resident_plan(m, a.dtype, a.divergence, V)
+                if plan is not None:  # occupancy with the plan's threads and shared memory
+                    a.threads = plan.threads
+                    a.ctas_per_sm = _occupancy(m, a.regs, plan.threads, plan.smem_bytes)
+                elif stream is not None:
+                    shown = stream
+                est = estimate_distill(m, a, N_TOKENS, V, stream)
+            else:
+                est = estimate_distill(m, a, N_TOKENS, V)
             floor = N_TOKENS * V * 3 * e / m.hbm_bytes_s
-            rows.append(_row(a, est, floor, kernel="distill_kernel", backend=a.backend,
+            rows.append(_row(shown, est, floor, kernel="distill_kernel", backend=a.backend,
                              divergence=a.divergence, dtype=a.dtype, N=N_TOKENS, V=V, D="",
                              preset="gpu-logits"))
     # the backward's scale kernel (when grad_output != 1)

@@ -96,6 +96,21 @@ def global_load_width(ins: Instr) -> int:
     return 32
 
 
+def shared_load_width(ins: Instr) -> int:
+    """Bits per thread of a shared-memory load (LDS), 0 if not one."""
+    if ins.base != "LDS":
+        return 0
+    mods = ins.opcode.split(".")[1:]
+    for m in mods:
+        if m in ("128", "64"):
+            return int(m)
+        if m in ("U16", "S16"):
+            return 16
+        if m in ("U8", "S8"):
+            return 8
+    return 32
+
+
 def global_store_width(ins: Instr) -> int:
     if ins.base not in ("STG",):
         return 0
@@ -333,6 +348,7 @@ class Counts:
     shuffles: int = 0
     load_bits: int = 0          # global bits loaded per thread (LDG / LDGSTS)
     store_bits: int = 0
+    shared_load_bits: int = 0   # shared-memory bits loaded per thread (LDS)
     widest_load: str = ""
     mma: Dict[str, int] = field(default_factory=dict)   # HGMMA / HMMA shapes
     tma: int = 0
@@ -354,7 +370,7 @@ def count(instrs: List[Instr]) -> Counts:
             c.barriers += 1
         if x.base == "SHFL":
             c.shuffles += 1
-        w = global_load_width(x)
+        w = global_load_width(x) if not x.never else 0  # "@!PT": issued, never executed
         if w and x.base != "UTMALDG":
             c.load_bits += w
         if x.base == "UTMALDG":
@@ -362,6 +378,7 @@ def count(instrs: List[Instr]) -> Counts:
         if w > widest[0]:
             widest = (w, x.opcode)
         c.store_bits += global_store_width(x)
+        c.shared_load_bits += shared_load_width(x) if not x.never else 0
         if x.base in ("HGMMA", "HMMA"):
             shape = x.opcode.split(".")[1] if "." in x.opcode else ""
             key = f"{x.base}.{shape}"

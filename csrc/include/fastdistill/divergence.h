@@ -4,11 +4,12 @@
 // for j < V. lq_j = a_j - LSE(a), lp_j = b_j - LSE(b), q = exp(lq), p = exp(lp).
 //
 // The kernels work in the log2 domain: the logit multipliers carry log2(e) (k_s = s_mul log2 e,
-// k_t = t_mul log2 e), and a log2-probability is lq2 = (z_s - m_s) k_s - l_s with m_s the row's
-// maximum raw logit and l_s = log2 sum 2^((z_s - m_s) k_s): the difference z_s - m_s is exact
-// near the maximum (no rounding of a large k z), the product is small, and q = 2^lq2 is one
-// MUFU.EX2 on the device (fast_math.h). Sums of log-ratio terms are taken in log2 units and
-// multiplied by ln 2 once per row.
+// k_t = t_mul log2 e), the row's statistics are kept relative to a shift m_s (the maximum of
+// k_s z_s, rounded once), and a log2-probability is lq2 = fma(z_s, k_s, -m_s) - l_s with
+// l_s = log2 sum 2^(k_s z_s - m_s): the fused multiply-add forms k_s z_s - m_s exactly and rounds
+// once, a small number near the maximum (m_s is a number like any other: every pass subtracts the
+// same one), and q = 2^lq2 is one MUFU.EX2 on the device (fast_math.h). Sums of log-ratio terms
+// are taken in log2 units and multiplied by ln 2 once per row.
 //
 // Every divergence D(P, Q) here has a student gradient of the form
 //     dD/da_j = q_j * (h_j - sum_i q_i h_i),   h_j = dD/dq_j (up to an additive constant),
@@ -66,16 +67,16 @@ FD_HD constexpr bool needs_pass2(int32_t div) { return div >= kJSD && div <= kTV
 FD_HD constexpr bool uses_wf(int32_t div) { return div == kForwardKL || div == kSymmetricKL; }
 FD_HD constexpr bool uses_wr(int32_t div) { return div == kReverseKL || div == kSymmetricKL; }
 
-// The row's statistics after pass 1 (and aux after pass 2): maxima of the raw logits and log2 of
-// the shifted sums, so that lq2_j = (z_s[j] - m_s) k_s - l_s (log2_prob).
+// The row's statistics after pass 1 (and aux after pass 2): shifts (maxima of the scaled
+// logits) and log2 of the shifted sums, so that lq2_j = fma(z_s[j], k_s, -m_s) - l_s (log2_prob).
 struct RowStats {
-  float m_s, l_s;  // student: max z_s, log2 sum 2^((z_s - m_s) k_s)
+  float m_s, l_s;  // student: max k_s z_s, log2 sum 2^(k_s z_s - m_s)
   float m_t, l_t;  // teacher
-  float l_1;       // hard loss: log2 sum 2^((z_s - m_s) k_h); l_s when h_mul == s_mul
+  float m_1, l_1;  // hard loss: the shift and log2 sum of k_h z_s; m_s, l_s when h_mul == s_mul
   float aux;       // sum_i q_i h_i in natural units (reverse / symmetric KL: KL(Q||P) / ln 2)
 };
 
-FD_HD float log2_prob(float z, float m, float k, float l) { return fd_fma(z - m, k, -l); }
+FD_HD float log2_prob(float z, float m, float k, float l) { return fd_fma(z, k, -m) - l; }
 
 // A row has both distributions: both shifted sums are positive and finite. False for a NaN or
 // +inf logit (the sum is NaN) and for a side whose logits are all -inf (the sum is 0).
@@ -106,8 +107,12 @@ inline MixWeights mix_weights(float beta) {
 FD_HD float mix_log2(float m, float lp2, float lq2, const MixWeights& w) {
   const float x = lp2 + w.lwp2, y = lq2 + w.lwq2;
   const float l = fd_log2(m);
+#if FD_DEVICE_CODE
+  return fmaxf(l, fmaxf(x, y));  // FMNMX (NaN only reaches rows that are NaN anyway)
+#else
   const float t = x > y ? x : y;
   return l > t ? l : t;
+#endif
 }
 
 // Loss terms come out in log2 units for the log divergences (times ln 2 per row), plain for tvd.
@@ -196,8 +201,9 @@ FD_HD void dispatch_divergence(int32_t div, F&& f) {
 }
 
 // ---- pass 1: online statistics ----------------------------------------------------------------
-// State of a stream of (z_s, z_t) pairs: maxima of the raw logits, shifted sums in the log2 domain
-// and the one-pass KL numerators taken relative to the running maxima (log2 units, u = (z - m) k),
+// State of a stream of (z_s, z_t) pairs: shifts m (maxima of the scaled logits k z), shifted sums
+// in the log2 domain and the one-pass KL numerators taken relative to the running shifts (log2
+// units, u = k z - m, formed by one fused multiply-add),
 //     d_s = sum_j 2^{u_s},   wf = sum_j 2^{u_t} (u_t - u_s)   (forward KL),
 //     d_t = sum_j 2^{u_t},   wr = sum_j 2^{u_s} (u_s - u_t)   (reverse KL),
 // so that KL(P||Q) = ln 2 (wf / d_t - log2 d_t + log2 d_s) involves only small numbers (the
@@ -205,7 +211,7 @@ FD_HD void dispatch_divergence(int32_t div, F&& f) {
 // numerator of +inf (a term whose other side is -inf) absorbs: it stays +inf through every
 // rescale, even one that underflows to 0. m = -inf with d = 0 means "nothing finite seen yet".
 // NaN inputs do not move the max but turn d into NaN (row_ok then fails). The multipliers are
-// positive, so max(k z) = k max(z).
+// positive, so max(k z) = k max(z): the kernels take maxima of the raw logits and scale them.
 template <typename Acc>
 struct Online {
   float m_s, m_t;
@@ -217,48 +223,39 @@ FD_HD Online<Acc> online_empty() {
   return Online<Acc>{-fd_inf(), -fd_inf(), Acc(0), Acc(0), Acc(0), Acc(0)};
 }
 
-// 2^((m_old - m_new) k), or 0 when the side has seen nothing.
-FD_HD float rescale_factor(float m_old, float m_new, float k) {
-  return m_old == -fd_inf() ? 0.0f : fd_exp2((m_old - m_new) * k);
+// 2^(m_old - m_new), or 0 when the side has seen nothing.
+FD_HD float rescale_factor(float m_old, float m_new) {
+  return m_old == -fd_inf() ? 0.0f : fd_exp2(m_old - m_new);
 }
 
-// A maximum usable as the shift of an exponent: -inf (nothing finite seen) becomes -FLT_MAX, so
-// that z - m is -inf, not NaN, for z = -inf.
+// A shift usable in an exponent: -inf (nothing finite seen) becomes -FLT_MAX, so that
+// fma(z, k, -m) is -inf, not NaN, for z = -inf.
 FD_HD float finite_shift(float m) { return m > -3.40282347e38f ? m : -3.40282347e38f; }
 
-// A numerator re-expressed relative to the new maxima, times its rescale factor `f`: the
-// weighting side moved by dw = (m_new - m) k (log2 units), the other side by dother.
-// 0 when the weighting side has seen nothing (wm = -inf); +inf stays +inf.
+// A numerator re-expressed relative to the new shifts, times its rescale factor `f`: the
+// weighting side `wm` (m_t for wf) moves to `wm_new`, the other side `om` to `om_new`.
+// 0 when the weighting side has seen nothing; +inf stays +inf.
 template <typename Acc>
-FD_HD Acc shift_numerator(Acc w, Acc d, float f, float wm, float dw, float dother) {
+FD_HD Acc shift_numerator(Acc w, Acc d, float f, float wm, float wm_new, float om, float om_new) {
   if (wm == -fd_inf()) return Acc(0);
   if (w == Acc(fd_inf())) return w;
-  return Acc(f) * (w - Acc(dw - dother) * d);
-}
-
-// (m_new - m_old) k for a side that has seen something (0 otherwise: its terms are 0 anyway).
-FD_HD float max_shift(float m_old, float m_new, float k) {
-  return m_old == -fd_inf() ? 0.0f : (m_new - m_old) * k;
+  return Acc(f) * (w - Acc((wm_new - wm) - (om_new - om)) * d);
 }
 
 // x <- statistics of the union of the two streams (associative; used across chunks on the
-// host and across threads and blocks on the device). ks, kt: the log2-domain multipliers.
+// host and across threads and blocks on the device).
 template <int32_t DIV, typename Acc>
-FD_HD void online_merge(Online<Acc>& x, const Online<Acc>& y, float ks, float kt) {
+FD_HD void online_merge(Online<Acc>& x, const Online<Acc>& y) {
   const float ms = x.m_s > y.m_s ? x.m_s : y.m_s;
   const float mt = x.m_t > y.m_t ? x.m_t : y.m_t;
-  const float xs = rescale_factor(x.m_s, ms, ks), ys = rescale_factor(y.m_s, ms, ks);
-  const float xt = rescale_factor(x.m_t, mt, kt), yt = rescale_factor(y.m_t, mt, kt);
+  const float xs = rescale_factor(x.m_s, ms), ys = rescale_factor(y.m_s, ms);
+  const float xt = rescale_factor(x.m_t, mt), yt = rescale_factor(y.m_t, mt);
   if (uses_wf(DIV))
-    x.wf = shift_numerator(x.wf, x.d_t, xt, x.m_t, max_shift(x.m_t, mt, kt),
-                           max_shift(x.m_s, ms, ks)) +
-           shift_numerator(y.wf, y.d_t, yt, y.m_t, max_shift(y.m_t, mt, kt),
-                           max_shift(y.m_s, ms, ks));
+    x.wf = shift_numerator(x.wf, x.d_t, xt, x.m_t, mt, x.m_s, ms) +
+           shift_numerator(y.wf, y.d_t, yt, y.m_t, mt, y.m_s, ms);
   if (uses_wr(DIV))
-    x.wr = shift_numerator(x.wr, x.d_s, xs, x.m_s, max_shift(x.m_s, ms, ks),
-                           max_shift(x.m_t, mt, kt)) +
-           shift_numerator(y.wr, y.d_s, ys, y.m_s, max_shift(y.m_s, ms, ks),
-                           max_shift(y.m_t, mt, kt));
+    x.wr = shift_numerator(x.wr, x.d_s, xs, x.m_s, ms, x.m_t, mt) +
+           shift_numerator(y.wr, y.d_s, ys, y.m_s, ms, y.m_t, mt);
   x.d_s = Acc(xs) * x.d_s + Acc(ys) * y.d_s;
   x.d_t = Acc(xt) * x.d_t + Acc(yt) * y.d_t;
   x.m_s = ms;

@@ -55,7 +55,10 @@ FD_HD float fd_fma(float a, float b, float c) {
 #if FD_DEVICE_CODE || defined(__FMA__)
   return __builtin_fmaf(a, b, c);
 #else
-  return a * b + c;
+  // without the instruction: the product of two floats is exact in double, the sum is rounded
+  // twice (double, then float) where a fused multiply-add rounds once, which can differ only in
+  // halfway cases
+  return (float)((double)a * (double)b + (double)c);
 #endif
 }
 

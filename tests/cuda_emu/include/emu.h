@@ -2,8 +2,8 @@
 // runs on a machine without a GPU. A thread is a cooperative fiber (ucontext) on one OS thread:
 // it runs until it reaches a barrier, and a barrier opens when every thread it is for has
 // arrived. What is emulated:
-// - blocks of blockDim.x threads; __syncthreads, warp shuffles (through a per-warp buffer between
-//   two warp barriers);
+// - blocks of blockDim.x threads; __syncthreads, warp shuffles (down and xor, through a per-warp
+//   buffer between two warp barriers);
 // - launches with <<<...>>> (tests/cuda_emu/build.py rewrites them into emu_launch) and with
 //   cudaLaunchKernelEx, including its cluster dimension: the blocks of a thread-block cluster run
 //   together, each with its own dynamic shared memory (`extern __shared__` arrays; build.py
@@ -335,6 +335,19 @@ inline T __shfl_down_sync(unsigned, T v, int off) {
   w.bar.sync("warp shuffle");
   T r = v;
   if (lane + off < 32) std::memcpy(&r, &w.slot[lane + off], sizeof(T));
+  w.bar.sync("warp shuffle");
+  return r;
+}
+
+template <typename T>
+inline T __shfl_xor_sync(unsigned, T v, int mask) {
+  static_assert(sizeof(T) <= 8, "one slot per lane");
+  const int lane = threadIdx.x % 32;
+  emu::Warp& w = emu::block().warps[threadIdx.x / 32];
+  std::memcpy(&w.slot[lane], &v, sizeof(T));
+  w.bar.sync("warp shuffle");
+  T r;
+  std::memcpy(&r, &w.slot[lane ^ mask], sizeof(T));
   w.bar.sync("warp shuffle");
   return r;
 }
