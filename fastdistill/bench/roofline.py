@@ -223,8 +223,8 @@ class Analysis:
         return self.ctas_per_sm * math.ceil(self.threads / 32)
 
 
-def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int) -> LoopInfo:
-    path = cfg.steady_path(loop)
+def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int, must_mufu: bool = False) -> LoopInfo:
+    path = cfg.steady_path(loop, must_mufu)
     inner = cfg.inner_blocks(loop)
     c = S.count(cfg.path_instrs(path, inner))
     blocks = loop.body if loop is not None else range(len(cfg.blocks))
@@ -246,6 +246,8 @@ def _tile(rec) -> int:
     c = rec.get("constexprs", {})
     if "BLOCK_M" in c and "BLOCK_N" in c:
         return c["BLOCK_M"] * c["BLOCK_N"]
+    if "NT" in c and "TB" in c:  # the row kernel: NT tiles over a cluster of num_ctas CTAs
+        return c["NT"] * c["TB"] // rec.get("num_ctas", 1)
     return c.get("BLOCK", 0)
 
 
@@ -267,7 +269,9 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
         while p is not None:
             depth, p = depth + 1, cfg.loops[p].parent
         infos.append((lp, _info(cfg, lp, depth)))
-    body = _info(cfg, None, 0)
+    # the row kernel is loop-free: its steady path is the one through its exponentials (not a
+    # row that is ignored, whose label load may be as wide as its tile loads)
+    body = _info(cfg, None, 0, must_mufu=rec.get("kernel") == "distill_row_kernel")
     op, dtype = rec["op"], rec["dtype"]
     threads = threads or rec.get("threads") or 32 * rec.get("num_warps", 4)
     loops = []
@@ -457,6 +461,11 @@ def estimate_distill(m: Machine, a: Analysis, N: int, V: int,
         if plan is not None:
             return _resident(m, a, plan, N, V)
         a = stream if stream is not None else a
+    if a.kernel == "distill_row_kernel":
+        # a cluster of C CTAs per row, the row in registers: one loop-free program per CTA,
+        # the row read once and the gradient written once
+        c = a.rec.get("num_ctas", 1)
+        return _rows_stream(m, a, N * c, V / c, 1, 2 * e, e)
     passes = 2 if a.divergence in TWO_PASS else 3
     return _rows_stream(m, a, N, V, passes, 2 * e, e)
 
@@ -674,12 +683,16 @@ def build_table(analyses: Sequence[Analysis], m: Machine = H200) -> List[Dict[st
     # resident kernel with the plan its launcher picks at that V, or the stream kernel)
     streams = {(a.dtype, a.divergence): a for a in by.get(("distill", "cuda"), [])
                if a.variant == "stream"}
-    for a in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
-                    key=lambda a: (a.backend, a.dtype, a.divergence)):
-        if a.variant != "bench" or a.dtype not in DTYPES:
+    at_v = {(a.dtype, a.divergence, a.variant): a for a in by.get(("distill", "triton"), [])}
+    for a0 in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
+                     key=lambda a: (a.backend, a.dtype, a.divergence)):
+        if a0.variant != "bench" or a0.dtype not in DTYPES:
             continue
-        e = ESIZE[a.dtype]
+        e = ESIZE[a0.dtype]
         for V in LOGIT_VOCABS:
+            # Triton: the kernel compiled at this V when the records have it (bench@V)
+            a = at_v.get((a0.dtype, a0.divergence, f"bench@{V}"), a0) \
+                if a0.backend == "triton" else a0
             shown = a
             if a.backend == "cuda":
                 stream = streams.get((a.dtype, a.divergence))
@@ -773,9 +786,9 @@ def compile_records(arch: int, jobs: int = 1, cache: Optional[str] = None, log=N
     or in `jobs` fresh processes."""
     from fastdistill.bench import aot
     if jobs > 1 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return aot.compile_in_subprocess([arch], cache=cache, jobs=jobs)
+        return aot.compile_in_subprocess([arch], cache=cache, jobs=jobs, vocabs=LOGIT_VOCABS)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return aot.compile_all((arch,), cache=cache, log=log)
+    return aot.compile_all((arch,), cache=cache, log=log, vocabs=LOGIT_VOCABS)
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -830,8 +843,14 @@ def show_loop(analyses: Sequence[Analysis], pattern: str) -> str:
                        f"{info.mufu}, {info.barriers} BAR, {info.shuffles} SHFL, MMA {info.mma}")
             out.append(S.loop_listing(cfg, lp))
         if not cfg.loops or a.body_elems:
+            per = f", {a.body.instr / a.body_elems:.2f} instr/elem" if a.body_elems else ""
             out.append(f"-- loop-free path: {a.body.instr} instructions, {a.body_elems:g} "
-                       f"elements per thread, MUFU {a.body.mufu}")
+                       f"elements per thread{per}, MUFU {a.body.mufu}")
+            if a.body_elems:  # a kernel whose work is its loop-free path: the path itself
+                path = cfg.steady_path(None, must_mufu=a.kernel == "distill_row_kernel")
+                inner = cfg.inner_blocks(None)
+                out.append("\n".join(f"* {x.addr:05x}: {x.text}"
+                                     for x in cfg.path_instrs(path, inner)))
     return "\n".join(out) if out else f"no kernel matches {pattern!r}"
 
 
