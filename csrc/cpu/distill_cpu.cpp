@@ -25,6 +25,9 @@
 #if defined(__AVX512F__)
 #include <immintrin.h>
 #endif
+#if defined(__linux__)
+#include <sys/mman.h>
+#endif
 
 #ifndef FD_ISA
 #define FD_ISA base
@@ -340,6 +343,24 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   zero_row(grow, s_dtype, V, grad_width);
 }
 
+// A gradient of many megabytes is usually fresh memory (glibc maps large blocks anew, and the
+// allocator of the caller hands them over untouched): writing it faults every 4 KB page in, a
+// kernel entry that costs as much as the arithmetic here. Transparent huge pages (where the
+// system leaves them to madvise) make those faults 2 MB each. Advice only: nothing changes if
+// the pages are already there or the call fails.
+void advise_huge_pages(void* p, size_t bytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  constexpr size_t kHuge = size_t(2) << 20;
+  if (p == nullptr || bytes < 16 * kHuge) return;
+  const uintptr_t a = reinterpret_cast<uintptr_t>(p);
+  const uintptr_t lo = (a + kHuge - 1) & ~(kHuge - 1), hi = (a + bytes) & ~(kHuge - 1);
+  if (hi > lo) madvise(reinterpret_cast<void*>(lo), hi - lo, MADV_HUGEPAGE);
+#else
+  (void)p;
+  (void)bytes;
+#endif
+}
+
 }  // namespace
 
 int32_t distill_rows(const DistillArgs& A) {
@@ -353,6 +374,7 @@ int32_t distill_rows(const DistillArgs& A) {
   const size_t s_elt = A.s_dtype == kFloat32 ? 4 : 2, t_elt = A.t_dtype == kFloat32 ? 4 : 2;
   const int nt = A.num_threads > 0 ? A.num_threads : 1;
   const float grad_scale = A.grad ? *A.grad_scale : 0.0f;
+  advise_huge_pages(A.grad, (size_t)A.n_rows * (size_t)A.g_stride * s_elt);
 
 #pragma omp parallel num_threads(nt)
   {
