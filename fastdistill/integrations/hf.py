@@ -34,7 +34,7 @@ from fastdistill.integrations._common import (HeadCapture, causal_targets, head_
                                               student_ce_and_entropy, text_config, unwrap)
 from fastdistill.linear import linear_distill_loss
 
-__all__ = ["DistillationTrainer", "loss_kwargs"]
+__all__ = ["DistillationTrainer", "loss_kwargs", "run_to_hidden"]
 
 FEATURE_STATE = "fastdistill_feature_loss.pt"
 
@@ -65,6 +65,22 @@ def loss_kwargs(cfg: DistillConfig, student_scale=None, teacher_scale=None,
         if kw.get(name) is None and v is not None:
             kw[name] = v
     return kw
+
+
+def run_to_hidden(model: nn.Module, **inputs):
+    """Run a Hugging Face causal LM to its last hidden state without computing its logits.
+
+    Returns ``(hidden, weight, bias, outputs)`` such that ``hidden @ weight.T + bias`` are the
+    logits the model's lm_head would produce (PEFT LoRA / modules_to_save heads resolved, the
+    operands cast as autocast would cast them), ready for
+    :func:`fastdistill.linear_distill_loss`; ``outputs`` is the model's output (its logits
+    have zero positions). ``model`` may be wrapped (DDP, accelerate): the forward runs through
+    the wrapper, so gradients synchronise as usual. Under ``torch.no_grad`` for a teacher."""
+    head = output_head(model)
+    with HeadCapture(head) as cap:
+        outputs = model(**inputs)
+    h, w, b = head_terms(head, cap.get(type(unwrap(model)).__name__), cap.autocast_dtype)
+    return h, w, b, outputs
 
 
 class DistillationTrainer(transformers.Trainer):
