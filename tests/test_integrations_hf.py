@@ -228,6 +228,15 @@ def test_bad_arguments(tmp_path):
                                                          feature_weight=1.0))
 
 
+def test_logit_scales(tmp_path):
+    """distill_config's logit scales multiply the logits before everything else."""
+    student, teacher = llama(16, 2, seed=29), llama(24, 2, seed=30)
+    batch = collate(batch_rows(3, 8, seed=31))
+    options = dict(student_logit_scale=0.7, teacher_logit_scale=1.6, temperature=1.5,
+                   hard_weight=0.3)
+    _check_step(tmp_path, student, teacher, batch, options)
+
+
 def test_padded_teacher_vocabulary(tmp_path):
     """A teacher whose lm_head has padding rows: distill_config.vocab_size selects the real
     vocabulary."""

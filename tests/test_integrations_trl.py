@@ -119,6 +119,30 @@ def test_distillation_loss_matches_trl(tmp_path, beta, temperature, n_items):
     assert_grads_close(ours.model, theirs.model)
 
 
+def test_distillation_logit_scale_and_softcap_match_trl(tmp_path):
+    """Logit scales and softcaps declared in the model configs (as Cohere's logit_scale and
+    Gemma's final_logit_softcapping are), applied by both trainers."""
+    s, t = models(seed=7)
+    s.config.logit_scale = 0.6
+    t.config.logit_scale = 1.4
+    t.config.final_logit_softcapping = 4.0
+    ours = distillation_trainer(ftrl.DistillationTrainer, copy.deepcopy(s), t, tmp_path,
+                                beta=0.4, temperature=1.3)
+    theirs = distillation_trainer(trl.DistillationTrainer, copy.deepcopy(s), t, tmp_path,
+                                  beta=0.4, temperature=1.3)
+    batch = completion_batch(seed=1)
+    vals = []
+    for tr in (ours, theirs):
+        tr.model.train()
+        loss, ent, _ = tr._compute_loss(tr.model, batch, None)
+        loss.backward()
+        vals.append((float(loss.detach()), float(ent)))
+    assert vals[1][0] > 1e-2
+    assert vals[0][0] == pytest.approx(vals[1][0], rel=2e-5)
+    assert vals[0][1] == pytest.approx(vals[1][1], rel=2e-5)
+    assert_grads_close(ours.model, theirs.model)
+
+
 def test_distillation_training_matches_trl(tmp_path):
     """Two steps with on-policy generation (same seed, so the same sampled completions): the
     same parameters and logged losses as TRL's trainer."""

@@ -186,6 +186,20 @@ def _lora_terms(head, x):
     return h, w, bias
 
 
+def fold_logit_scales(kw: dict, h_s, b_s, h_t, b_t):
+    """Pops ``student_logit_scale`` / ``teacher_logit_scale`` from the loss keywords ``kw`` and
+    folds them into the hidden states and biases: ``s (h W^T + b) = (s h) W^T + s b``, the
+    logits scaled before any softcap, as the loss defines them."""
+    s, t = kw.pop("student_logit_scale", None), kw.pop("teacher_logit_scale", None)
+    if s is not None:
+        h_s = h_s * s
+        b_s = b_s * s if b_s is not None else None
+    if t is not None:
+        h_t = h_t * t
+        b_t = b_t * t if b_t is not None else None
+    return h_s, b_s, h_t, b_t
+
+
 def causal_targets(labels: Optional[torch.Tensor], input_ids: Optional[torch.Tensor],
                    attention_mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
     """Targets aligned with the hidden states of a causal LM: position t predicts token t+1.

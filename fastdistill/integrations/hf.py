@@ -29,8 +29,8 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from fastdistill.config import DistillConfig
 from fastdistill.feature_distill import FeatureDistillLoss
-from fastdistill.integrations._common import (HeadCapture, causal_targets, head_terms,
-                                              logit_transform, output_head,
+from fastdistill.integrations._common import (HeadCapture, causal_targets, fold_logit_scales,
+                                              head_terms, logit_transform, output_head,
                                               student_ce_and_entropy, text_config, unwrap)
 from fastdistill.linear import linear_distill_loss
 
@@ -249,10 +249,12 @@ class DistillationTrainer(transformers.Trainer):
         targets = targets.to(h_s.device)
         # outside autocast: the operands already carry autocast's dtypes and the loss keeps
         # its logits in float32
+        kw = dict(self._loss_kw)
         with torch.autocast(h_s.device.type, enabled=False):
+            h_s, b_s, h_t, b_t = fold_logit_scales(kw, h_s, b_s, h_t, b_t)
             kd = linear_distill_loss(h_s, w_s, h_t, w_t, targets, student_bias=b_s,
                                      teacher_bias=b_t, num_items_in_batch=num_items_in_batch,
-                                     reduction="mean", **self._loss_kw)
+                                     reduction="mean", **kw)
 
         scaled = num_items_in_batch is not None
         # the token count spans every process while DDP averages gradients: undo the average
@@ -290,8 +292,8 @@ class DistillationTrainer(transformers.Trainer):
         else:
             ce, _ = student_ce_and_entropy(
                 h_s.detach(), w_s.detach(), b_s.detach() if b_s is not None else None, targets,
-                ignore_index=cfg.ignore_index, logit_scale=self._loss_kw.get("student_logit_scale"),
-                softcap=self._loss_kw.get("student_softcap"), vocab_size=cfg.vocab_size)
+                ignore_index=cfg.ignore_index, softcap=self._loss_kw.get("student_softcap"),
+                vocab_size=cfg.vocab_size)  # h_s carries the logit scale already
             if n_items is not None:
                 denom = torch.as_tensor(n_items, dtype=torch.float32, device=ce.device)
             else:

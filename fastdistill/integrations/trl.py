@@ -33,8 +33,8 @@ except ImportError as e:
                       "trl 1.16). The rest of fastdistill does not need it.") from e
 
 from fastdistill.integrations._common import (HeadCapture, causal_targets, divergence_for_beta,
-                                              head_terms, logit_transform, output_head,
-                                              student_ce_and_entropy, unwrap)
+                                              fold_logit_scales, head_terms, logit_transform,
+                                              output_head, student_ce_and_entropy, unwrap)
 from fastdistill.linear import linear_distill_loss
 
 __all__ = ["DistillationTrainer", "GKDTrainer", "GOLDTrainer", "fused_jsd_loss"]
@@ -61,6 +61,7 @@ def fused_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, t
     with torch.no_grad():
         h_t, w_t, b_t = head_terms(teacher_head, teacher_hidden, autocast_dtypes[1])
     with torch.autocast(h_s.device.type, enabled=False):
+        h_s, b_s, h_t, b_t = fold_logit_scales(kw, h_s, b_s, h_t, b_t)
         return linear_distill_loss(h_s, w_s, h_t.to(w_t.device), w_t, targets.to(h_s.device),
                                    student_bias=b_s, teacher_bias=b_t,
                                    temperature=temperature, reduction="mean",
