@@ -3,6 +3,7 @@
 
 import copy
 import os
+import socket
 import subprocess
 import sys
 
@@ -92,6 +93,20 @@ def _check_step(tmp_path, student, teacher, batch, options, atol=1e-6, ref_stude
         assert torch.allclose(g[k], rg[k], atol=atol, rtol=1e-4), \
             f"{k}: max diff {(g[k] - rg[k]).abs().max():.3g}"
     return tr
+
+
+def test_evaluate(tmp_path):
+    """evaluate(): the batch-size-weighted mean of the per-batch losses."""
+    student, teacher = llama(16, 2, seed=32), llama(24, 2, seed=33)
+    rows = batch_rows(6, 8, seed=34)
+    tr = DistillationTrainer(model=student, teacher_model=teacher,
+                             args=targs(tmp_path, per_device_eval_batch_size=2),
+                             eval_dataset=rows, distill_config=DistillConfig(**OPTIONS))
+    got = tr.evaluate()["eval_loss"]
+    with torch.no_grad():
+        ref = [float(reference_loss(student, teacher, collate(rows[i:i + 2]), **OPTIONS))
+               for i in range(0, 6, 2)]
+    assert got == pytest.approx(sum(ref) / 3, rel=1e-5)
 
 
 def test_tied_embeddings_left_padding_and_teacher_dtype(tmp_path):
@@ -257,8 +272,11 @@ def test_ddp_two_processes_match_one(tmp_path):
     env = dict(os.environ, PYTHONPATH=HERE + os.pathsep + os.environ.get("PYTHONPATH", ""),
                OMP_NUM_THREADS="1")
     out2 = tmp_path / "ddp2.pt"
+    with socket.socket() as sock:  # a free port for the rendezvous
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2",
-           "--master_port", "29533", script, str(out2), "1"]
+           "--master_addr", "127.0.0.1", "--master_port", str(port), script, str(out2), "1"]
     r = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     out1 = tmp_path / "single.pt"
