@@ -220,11 +220,14 @@ def causal_targets(labels: Optional[torch.Tensor], input_ids: Optional[torch.Ten
 @torch.no_grad()
 def student_ce_and_entropy(hidden, weight, bias, targets, *, ignore_index=-100,
                            logit_scale=None, softcap=None, vocab_size=None, temperature=1.0,
-                           chunk=1024):
+                           chunk=None):
     """Sums over the counted rows (targets != ignore_index) of the student's cross-entropy at
     T=1 and of its entropy at ``temperature``, both float32 0-d tensors, computed in row chunks
-    (logging only: no gradient, at most ``[chunk, V]`` float32 logits at a time)."""
+    (logging only: no gradient; ``chunk`` rows of float32 logits at a time, by default as many
+    as fit in 32 MiB)."""
     h = hidden.reshape(-1, hidden.shape[-1])
+    if chunk is None:
+        chunk = max(1, min(1024, (32 << 20) // (4 * weight.shape[0])))
     t = targets.reshape(-1)
     w = weight
     ce = torch.zeros((), dtype=torch.float32, device=h.device)

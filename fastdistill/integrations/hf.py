@@ -149,6 +149,8 @@ class DistillationTrainer(transformers.Trainer):
         # compute_loss consumes num_items_in_batch: Trainer counts the label tokens of each
         # accumulation batch and treats the returned loss as already scaled for accumulation
         self.model_accepts_loss_kwargs = True
+        # and the loss shifts the labels, so that count is over labels[..., 1:]
+        self._loss_shifts_labels = True
         self.distill_config = distill_config
         self.log_loss_parts = log_loss_parts
 
