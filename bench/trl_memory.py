@@ -96,7 +96,8 @@ def main():
             for x in (f"--{k}", str(getattr(a, k)))]
         r = subprocess.run(cmd, capture_output=True, text=True)
         if r.returncode != 0:
-            print(f"{m:<18} failed: {r.stderr.strip().splitlines()[-1] if r.stderr else r.returncode}")
+            why = r.stderr.strip().splitlines()[-1] if r.stderr.strip() else r.returncode
+            print(f"{m:<18} failed: {why}")
             continue
         res = json.loads(r.stdout.strip().splitlines()[-1])
         print(f"{m:<18}{res['peak_extra_mib']:>16.1f}{res['seconds']:>10.2f}{res['loss']:>14.6f}")

@@ -53,7 +53,8 @@ def main():
     student, _ = fd.make_student(teacher, num_layers=2, hidden_size=24)
     prompts = Dataset.from_list([{"prompt": " ".join(f"t{int(i)}" for i in row[1:5])}
                                  for row in data[:256]])
-    print(f"student val CE {eval_ce(student, val):.3f} before (teacher {eval_ce(teacher, val):.3f})")
+    print(f"student val CE {eval_ce(student, val):.3f} before "
+          f"(teacher {eval_ce(teacher, val):.3f})")
     reference = copy.deepcopy(student)
     ours = run(fd_trl.DistillationTrainer, student, teacher, prompts, tempfile.mkdtemp())
     print(f"fastdistill's loss step: logged losses {ours}")

@@ -142,6 +142,18 @@ def test_without_labels_uses_next_tokens_and_padding(tmp_path):
     assert float(loss) == pytest.approx(float(ref), rel=1e-5)
 
 
+def test_all_labels_ignored_gives_zero(tmp_path):
+    student, teacher = llama(16, 2, seed=38), llama(16, 2, seed=39)
+    batch = collate(batch_rows(2, 8, seed=40))
+    batch["labels"][:] = -100
+    tr = DistillationTrainer(model=student, teacher_model=teacher, args=targs(tmp_path),
+                             distill_config=DistillConfig(hard_weight=0.5))
+    loss = _compute(tr, batch, torch.tensor(0))
+    assert float(loss) == 0.0
+    assert all(float(p.grad.abs().max()) == 0.0 for p in student.parameters()
+               if p.grad is not None)
+
+
 def test_lora_student_with_lora_lm_head(tmp_path):
     """LoRA on attention and on the lm_head: the loss sees W + s B A, and the LoRA parameters
     (B initialised non-zero here so that the head's adapter matters) get the gradients of the
@@ -161,6 +173,33 @@ def test_lora_student_with_lora_lm_head(tmp_path):
     head_grads = [n for n, p in student.named_parameters()
                   if "lm_head" in n and "lora" in n and p.grad is not None]
     assert len(head_grads) == 2
+
+
+def test_lora_lm_head_dropout_is_exact(tmp_path):
+    """With lora_dropout > 0 the adapter sees one dropout mask of the head's input, as in PEFT's
+    forward: the same random stream gives the same loss and gradients."""
+    peft = pytest.importorskip("peft")
+    base, teacher = llama(16, 2, seed=35), llama(16, 2, seed=36)
+    student = peft.get_peft_model(base, peft.LoraConfig(r=4, lora_alpha=4, lora_dropout=0.5,
+                                                        target_modules=["lm_head"]))
+    with torch.no_grad():
+        for n, p in student.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.5)
+    ref_student = copy.deepcopy(student)
+    tr = DistillationTrainer(model=student, teacher_model=teacher, args=targs(tmp_path),
+                             distill_config=DistillConfig(**OPTIONS))
+    batch = collate(batch_rows(3, 8, seed=37))
+    torch.manual_seed(7)
+    loss = _compute(tr, batch)
+    ref_student.train()
+    torch.manual_seed(7)
+    ref = reference_loss(ref_student, teacher, batch, **OPTIONS)
+    ref.backward()
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+    g, rg = _grads(student), _grads(ref_student)
+    for k in g:
+        assert torch.allclose(g[k], rg[k], atol=1e-6, rtol=1e-4), k
 
 
 def test_lora_modules_to_save_lm_head(tmp_path):

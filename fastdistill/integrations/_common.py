@@ -200,6 +200,16 @@ def fold_logit_scales(kw: dict, h_s, b_s, h_t, b_t):
     return h_s, b_s, h_t, b_t
 
 
+def at_least_one(n):
+    """A token count clamped to >= 1 without a host sync (a batch whose labels are all ignored
+    then has loss 0, not 0 / 0)."""
+    if n is None:
+        return None
+    if isinstance(n, torch.Tensor):
+        return n.clamp(min=1)
+    return max(n, 1)
+
+
 def causal_targets(labels: Optional[torch.Tensor], input_ids: Optional[torch.Tensor],
                    attention_mask: Optional[torch.Tensor], ignore_index: int) -> torch.Tensor:
     """Targets aligned with the hidden states of a causal LM: position t predicts token t+1.

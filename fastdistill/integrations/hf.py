@@ -29,9 +29,10 @@ except ImportError as e:  # pragma: no cover - exercised only without transforme
 
 from fastdistill.config import DistillConfig
 from fastdistill.feature_distill import FeatureDistillLoss
-from fastdistill.integrations._common import (HeadCapture, causal_targets, fold_logit_scales,
-                                              head_terms, logit_transform, output_head,
-                                              student_ce_and_entropy, text_config, unwrap)
+from fastdistill.integrations._common import (HeadCapture, at_least_one, causal_targets,
+                                              fold_logit_scales, head_terms, logit_transform,
+                                              output_head, student_ce_and_entropy, text_config,
+                                              unwrap)
 from fastdistill.linear import linear_distill_loss
 
 __all__ = ["DistillationTrainer", "loss_kwargs", "run_to_hidden"]
@@ -144,8 +145,8 @@ class DistillationTrainer(transformers.Trainer):
             raise TypeError(f"log_loss_parts must be a bool, got {type(log_loss_parts).__name__}")
         super().__init__(model=model, args=args, **kwargs)
         if self.args.n_gpu > 1:
-            raise ValueError("DistillationTrainer does not support nn.DataParallel (several GPUs in "
-                             "one process); launch with accelerate launch or torchrun")
+            raise ValueError("DistillationTrainer does not support nn.DataParallel (several GPUs "
+                             "in one process); launch with accelerate launch or torchrun")
         # compute_loss consumes num_items_in_batch: Trainer counts the label tokens of each
         # accumulation batch and treats the returned loss as already scaled for accumulation
         self.model_accepts_loss_kwargs = True
@@ -225,6 +226,7 @@ class DistillationTrainer(transformers.Trainer):
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         cfg = self.distill_config
+        num_items_in_batch = at_least_one(num_items_in_batch)
         inputs = dict(inputs)
         labels = inputs.pop("labels", None)
         shifted = inputs.pop("shift_labels", None)

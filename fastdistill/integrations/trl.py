@@ -32,9 +32,10 @@ except ImportError as e:
     raise ImportError("fastdistill.integrations.trl needs TRL: pip install trl (tested with "
                       "trl 1.16). The rest of fastdistill does not need it.") from e
 
-from fastdistill.integrations._common import (HeadCapture, causal_targets, divergence_for_beta,
-                                              fold_logit_scales, head_terms, logit_transform,
-                                              output_head, student_ce_and_entropy, unwrap)
+from fastdistill.integrations._common import (HeadCapture, at_least_one, causal_targets,
+                                              divergence_for_beta, fold_logit_scales,
+                                              head_terms, logit_transform, output_head,
+                                              student_ce_and_entropy, unwrap)
 from fastdistill.linear import linear_distill_loss
 
 __all__ = ["DistillationTrainer", "GKDTrainer", "GOLDTrainer", "fused_jsd_loss"]
@@ -65,7 +66,7 @@ def fused_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, t
         return linear_distill_loss(h_s, w_s, h_t.to(w_t.device), w_t, targets.to(h_s.device),
                                    student_bias=b_s, teacher_bias=b_t,
                                    temperature=temperature, reduction="mean",
-                                   num_items_in_batch=num_items_in_batch,
+                                   num_items_in_batch=at_least_one(num_items_in_batch),
                                    ignore_index=ignore_index, **divergence_for_beta(beta), **kw)
 
 
