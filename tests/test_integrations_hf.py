@@ -154,6 +154,21 @@ def test_all_labels_ignored_gives_zero(tmp_path):
                if p.grad is not None)
 
 
+def test_collator_shift_labels_are_used_as_given(tmp_path):
+    """A collator's already shifted ``shift_labels`` (padding-free collators) replace labels."""
+    student, teacher = llama(16, 2, seed=41), llama(16, 2, seed=42)
+    batch = collate(batch_rows(2, 8, seed=43))
+    shifted = torch.cat([batch["labels"][:, 1:], torch.full((2, 1), -100)], 1)
+    tr = DistillationTrainer(model=student, teacher_model=teacher, args=targs(tmp_path),
+                             distill_config=DistillConfig(hard_weight=0.5, temperature=2.0))
+    ref_student = copy.deepcopy(student)
+    inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"],
+              "shift_labels": shifted}
+    loss = _compute(tr, inputs)
+    ref = reference_loss(ref_student, teacher, batch, hard_weight=0.5, temperature=2.0)
+    assert float(loss) == pytest.approx(float(ref), rel=1e-5)
+
+
 def test_lora_student_with_lora_lm_head(tmp_path):
     """LoRA on attention and on the lm_head: the loss sees W + s B A, and the LoRA parameters
     (B initialised non-zero here so that the head's adapter matters) get the gradients of the
@@ -326,6 +341,14 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert a["losses"] == pytest.approx(b["losses"], rel=1e-5)
     for k in b["params"]:
         assert torch.allclose(a["params"][k], b["params"][k], atol=1e-6, rtol=1e-5), k
+
+
+def test_missing_transformers_gives_a_clear_error():
+    code = ("import sys; sys.modules['transformers'] = None\n"
+            "try:\n    import fastdistill.integrations.hf\nexcept ImportError as e:\n"
+            "    assert 'pip install transformers' in str(e), e; print('ok')\n")
+    r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr
 
 
 def test_import_fastdistill_imports_no_trainer_library():

@@ -107,8 +107,9 @@ class DistillationTrainer(transformers.Trainer):
             accepted: the loss is this trainer's).
 
     Per micro-batch: targets are the labels shifted by one (``labels[:, 1:]``, the causal LM
-    convention; a collator's ``shift_labels`` are used as given; without labels, the next
-    ``input_ids`` with padding ignored). The soft loss counts the same tokens as the hard loss.
+    convention, whatever ``distill_config.shift_labels`` says: the trainer aligns them itself;
+    a collator's ``shift_labels`` are used as given; without labels, the next ``input_ids``
+    with padding ignored). The soft loss counts the same tokens as the hard loss.
     The loss is ``linear_distill_loss(...)`` summed over the counted tokens and divided by
     Trainer's ``num_items_in_batch`` (the token count of the whole gradient-accumulation batch,
     across processes), so gradient accumulation and DDP give the loss of the full batch; without
