@@ -257,6 +257,18 @@ def test_feature_distillation(tmp_path):
     tr.train()
     assert any(not torch.equal(b, p) for b, p in zip(before, tr.feature_loss.parameters()))
     assert any("feature_loss" in h for h in tr.state.log_history)
+    # saved beside the model, and loaded back when resuming from a checkpoint
+    out = tmp_path / "saved"
+    tr.save_model(str(out))
+    saved = torch.load(out / "fastdistill_feature_loss.pt")
+    state = tr.feature_loss.state_dict()
+    assert all(torch.equal(saved[k], state[k]) for k in state if torch.is_tensor(state[k]))
+    with torch.no_grad():
+        for p in tr.feature_loss.parameters():
+            p.zero_()
+    tr._load_from_checkpoint(str(out))
+    assert all(torch.equal(p, saved[k]) for k, p in tr.feature_loss.state_dict().items()
+               if torch.is_tensor(p))
 
 
 def test_bf16_autocast(tmp_path):
