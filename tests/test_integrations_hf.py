@@ -300,6 +300,9 @@ def test_bad_arguments(tmp_path):
                             distill_config=DistillConfig(reduction="sum"))
     with pytest.raises(ValueError, match="vocab_size"):
         DistillationTrainer(model=s, teacher_model=llama(16, 2, vocab=56), args=targs(tmp_path))
+    with pytest.raises(ValueError, match="ignore_index"):
+        DistillationTrainer(model=s, teacher_model=t, args=targs(tmp_path),
+                            distill_config=DistillConfig(ignore_index=-1))
     with pytest.raises(ValueError, match="compute_loss_func"):
         DistillationTrainer(model=s, teacher_model=t, args=targs(tmp_path),
                             compute_loss_func=lambda *a, **k: 0)

@@ -139,6 +139,10 @@ class DistillationTrainer(transformers.Trainer):
         if distill_config.reduction != "mean":
             raise ValueError(f"distill_config.reduction must be 'mean' in a trainer (tokens are "
                              f"averaged over the batch), got {distill_config.reduction!r}")
+        if distill_config.ignore_index != -100:
+            raise ValueError(f"distill_config.ignore_index must be -100 in the trainer (the label "
+                             f"value Trainer's token count ignores), got "
+                             f"{distill_config.ignore_index}")
         if kwargs.get("compute_loss_func") is not None:
             raise ValueError("compute_loss_func is not accepted: DistillationTrainer computes "
                              "the distillation loss itself")
