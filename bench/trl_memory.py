@@ -44,8 +44,7 @@ def child(a):
     elif a.method == "fastdistill":
         from fastdistill.integrations._common import divergence_for_beta
         from fastdistill.linear import linear_distill_loss
-        labels = torch.where(mask, 0, -100)
-        run = lambda: linear_distill_loss(h_s, w_s, h_t, w_t, labels,  # noqa
+        run = lambda: linear_distill_loss(h_s, w_s, h_t, w_t, mask=mask,  # noqa
                                           temperature=a.temperature, **divergence_for_beta(a.beta))
     else:
         from trl.experimental.gkd import GKDTrainer

@@ -42,7 +42,7 @@ FEATURE_STATE = "fastdistill_feature_loss.pt"
 # options of DistillConfig that are not keywords of linear_distill_loss (the trainer uses them
 # itself, or they do not apply to a teacher given as a model)
 _NOT_LOSS_KW = {"layer_map", "feature_kind", "feature_weight", "topk_tail", "shift_labels",
-                "vocab_chunk_size", "reduction"}
+                "reduction"}
 _DEFAULTS = DistillConfig()
 
 

@@ -52,18 +52,21 @@ def _scale_kw(student, teacher) -> dict:
     return kw
 
 
-def fused_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, targets, *,
-                   beta, temperature=1.0, num_items_in_batch=None, ignore_index=-100,
-                   autocast_dtypes=(None, None), **kw):
-    """TRL's generalized JSD (``beta`` 0: forward KL, 1: reverse KL) over the rows whose
-    target is not ``ignore_index``, reduced as TRL reduces it (sum / num_items_in_batch, else
-    sum / max(#counted rows, 1)), from hidden states and lm_head modules."""
+def fused_jsd_loss(student_hidden, student_head, teacher_hidden, teacher_head, targets=None, *,
+                   mask=None, beta, temperature=1.0, num_items_in_batch=None,
+                   ignore_index=-100, autocast_dtypes=(None, None), **kw):
+    """TRL's generalized JSD (``beta`` 0: forward KL, 1: reverse KL) over the rows that count
+    (``targets != ignore_index``, or ``mask`` True), reduced as TRL reduces it (sum /
+    num_items_in_batch, else sum / max(#counted rows, 1)), from hidden states and lm_head
+    modules."""
     h_s, w_s, b_s = head_terms(student_head, student_hidden, autocast_dtypes[0])
     with torch.no_grad():
         h_t, w_t, b_t = head_terms(teacher_head, teacher_hidden, autocast_dtypes[1])
     with torch.autocast(h_s.device.type, enabled=False):
         h_s, b_s, h_t, b_t = fold_logit_scales(kw, h_s, b_s, h_t, b_t)
-        return linear_distill_loss(h_s, w_s, h_t.to(w_t.device), w_t, targets.to(h_s.device),
+        return linear_distill_loss(h_s, w_s, h_t.to(w_t.device), w_t,
+                                   targets.to(h_s.device) if targets is not None else None,
+                                   mask=mask.to(h_s.device) if mask is not None else None,
                                    student_bias=b_s, teacher_bias=b_t,
                                    temperature=temperature, reduction="mean",
                                    num_items_in_batch=at_least_one(num_items_in_batch),
@@ -99,16 +102,14 @@ class DistillationTrainer(_TRLDistillationTrainer):
                              f"on {t_head.weight.device}; place both on one device")
         device = s_head.weight.device
         valid = loss_mask.to(device) != 0
-        # the token mask as labels: hard_weight is 0, so only which rows count matters
-        targets = torch.where(valid, 0, -100)
         kw = _scale_kw(unwrapped_student, unwrapped_teacher)
-        loss = fused_jsd_loss(h_s.to(device), s_head, h_t.to(device), t_head, targets,
+        loss = fused_jsd_loss(h_s.to(device), s_head, h_t.to(device), t_head, mask=valid,
                               beta=self.beta, temperature=self.temperature,
                               num_items_in_batch=num_items_in_batch, **kw)
         n_valid = valid.sum()
         if self.log_entropy:
             _, entropy_sum = student_ce_and_entropy(
-                h_s.detach(), s_head.weight.detach(), s_head.bias, targets,
+                h_s.detach(), s_head.weight.detach(), s_head.bias, torch.where(valid, 0, -100),
                 logit_scale=kw.get("student_logit_scale"), softcap=kw.get("student_softcap"),
                 temperature=self.temperature)
         else:
