@@ -64,6 +64,10 @@ int32_t nogil(const Args& a) {
 
 }  // namespace
 
+namespace fastdistill {
+void register_build_info(py::module_& m);  // csrc/build_info.cpp
+}  // namespace fastdistill
+
 PYBIND11_MODULE(_C, m) {
   m.doc() = "fastdistill kernels (torch-free; argument structs in, status codes out)";
   m.attr("version") = FD_VERSION;
@@ -151,4 +155,5 @@ PYBIND11_MODULE(_C, m) {
   m.def("cuda_last_error", &fd::cuda::last_error,
         "message of the last CUDA error returned to this thread");
 #endif
+  fd::register_build_info(m);
 }

@@ -12,6 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from fastdistill.backends import _ext
+from fastdistill.backends import _cuda_arch
 from fastdistill.config import KernelOptions
 
 
@@ -24,6 +25,7 @@ def _device(name: str, x) -> torch.device:
         raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
     if x.device.type != "cuda":
         raise ValueError(f"the cuda backend runs on CUDA tensors, {name} is on {x.device}")
+    _cuda_arch.require(x.device)  # once per device: does the binary hold code for this GPU?
     return x.device
 
 
