@@ -133,6 +133,10 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
     m = _checks.mask(mask, lead, "features'") if mask is not None else None
     device = _checks.same_device(("student", "teacher", "mask"), (student, teacher, mask))
     _checks.teacher_grad([("teacher", teacher)], "student", student.requires_grad)
+    for n, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{n} must have at least one feature (last dimension), got shape "
+                             f"{tuple(x.shape)}")
     name = backends.resolve(backend, device)
     code = FEATURE_KINDS.index(kind)
     teacher = teacher.detach()
@@ -143,8 +147,6 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
         raise ValueError(f"student has {student.shape[-1]} features and teacher has "
                          f"{teacher.shape[-1]}; pass projection=[Dt, Ds] weight (or nn.Linear) "
                          "when the widths differ")
-    if student.shape[-1] == 0:
-        raise ValueError("student and teacher must have at least one feature, got 0")
     s2, t2 = _checks.rows2d(student), _checks.rows2d(teacher)
     scale = _rows.prepare(lead, 1, None, mask, ignore_index=-100, reduction=reduction,
                           shift_labels=False, hard_weight=0.0, vocab=1, num_items_in_batch=None,
