@@ -52,6 +52,11 @@ def close(actual, expected, what, tol):
                                msg=lambda m: f"{what}: {m}")
 
 
+def dev(ctx, x):
+    """x on the device under test (tensors only)."""
+    return x.to(ctx.device) if isinstance(x, torch.Tensor) else x
+
+
 def cols(ctx, width):
     """This rank's contiguous slice of `width` columns split into equal parts."""
     w = width // ctx.size
@@ -100,10 +105,11 @@ def run_logits(ctx, s, t, labels=None, width=None, grad_out=None, dtype=None, **
     """The vocabulary-parallel loss on this rank's slice against the full reference."""
     from fastdistill.distributed import vocab_parallel_distill_loss
     sl = cols(ctx, s.shape[-1] if width is None else width)
-    s_loc = s[..., sl].clone().requires_grad_(True)
-    loss = vocab_parallel_distill_loss(s_loc, t[..., sl], labels, kw.get("mask"), cfg_of(kw),
-                                       kw.get("num_items_in_batch"), ctx.group)
-    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+    s_loc = s[..., sl].to(ctx.device).clone().requires_grad_(True)
+    loss = vocab_parallel_distill_loss(s_loc, dev(ctx, t[..., sl]), dev(ctx, labels),
+                                       dev(ctx, kw.get("mask")), cfg_of(kw),
+                                       dev(ctx, kw.get("num_items_in_batch")), ctx.group)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
     ref, ref_g = reference(s, t, labels, grad_out, **kw)
     if labels is not None:  # ignored rows get a zero gradient (autograd of the reference can
         # leave NaN there when the ignored row holds a NaN)
@@ -209,7 +215,7 @@ def logits_special_values(ctx):
     from fastdistill.config import DistillConfig
     for div, row in (("forward_kl", 1), ("reverse_kl", 0)):
         sl = cols(ctx, 8)
-        out = vocab_parallel_distill_loss(s2[:, sl], t2[:, sl], None, None,
+        out = vocab_parallel_distill_loss(dev(ctx, s2[:, sl]), dev(ctx, t2[:, sl]), None, None,
                                           DistillConfig(divergence=div, reduction="none"),
                                           None, ctx.group)
         assert out[row] == float("inf"), (div, out)
@@ -257,29 +263,29 @@ def run_linear(ctx, x, labels=None, grad_out=None, teacher_logits=False, reduce_
     from fastdistill.reference import reference_linear_distill_loss
     V = x["w"].shape[0]
     sl = cols(ctx, V)
-    h = x["h"].clone().requires_grad_(True)
-    w = x["w"][sl].clone().requires_grad_(True)
-    b = x["b"][sl].clone().requires_grad_(True) if "b" in x else None
+    h = x["h"].to(ctx.device).clone().requires_grad_(True)
+    w = x["w"][sl].to(ctx.device).clone().requires_grad_(True)
+    b = x["b"][sl].to(ctx.device).clone().requires_grad_(True) if "b" in x else None
     caps = {k: kw.pop(k) for k in ("student_softcap", "teacher_softcap", "student_logit_scale",
                                    "teacher_logit_scale") if k in kw}
     cfg = cfg_of({**kw, **caps})
+    common = dict(mask=dev(ctx, kw.get("mask")), cfg=cfg, group=ctx.group,
+                  num_items_in_batch=dev(ctx, kw.get("num_items_in_batch")),
+                  reduce_hidden_grad=reduce_hidden)
     h_in = h.reshape(*lead, -1) if lead else h
     if teacher_logits:
         from fastdistill.reference import reference_logits
         zt = reference_logits(x["ht"], x["wt"], x.get("bt")).to(x["h"].dtype)
         zt_in = zt.reshape(*lead, -1) if lead else zt
         loss = vocab_parallel_linear_distill_loss(
-            h_in, w, None, None, labels, teacher_logits=zt_in[..., sl], student_bias=b,
-            mask=kw.get("mask"), cfg=cfg, num_items_in_batch=kw.get("num_items_in_batch"),
-            group=ctx.group, reduce_hidden_grad=reduce_hidden)
+            h_in, w, None, None, dev(ctx, labels), teacher_logits=dev(ctx, zt_in[..., sl]),
+            student_bias=b, **common)
     else:
         ht_in = x["ht"].reshape(*lead, -1) if lead else x["ht"]
         loss = vocab_parallel_linear_distill_loss(
-            h_in, w, ht_in, x["wt"][sl], labels, student_bias=b,
-            teacher_bias=x["bt"][sl] if "bt" in x else None, mask=kw.get("mask"), cfg=cfg,
-            num_items_in_batch=kw.get("num_items_in_batch"), group=ctx.group,
-            reduce_hidden_grad=reduce_hidden)
-    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss.dtype))
+            h_in, w, dev(ctx, ht_in), dev(ctx, x["wt"][sl]), dev(ctx, labels), student_bias=b,
+            teacher_bias=dev(ctx, x["bt"][sl]) if "bt" in x else None, **common)
+    loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
 
     h64 = x["h"].to(torch.float64).requires_grad_(True)
     w64 = x["w"].to(torch.float64).requires_grad_(True)
@@ -302,7 +308,7 @@ def run_linear(ctx, x, labels=None, grad_out=None, teacher_logits=False, reduce_
     if reduce_hidden:
         close(h.grad, h64.grad, "hidden gradient (full on every rank)", tol)
     else:  # partials: their sum over the group is the full gradient
-        total = h.grad.to(torch.float64)
+        total = h.grad.to(torch.float64 if ctx.device.type == "cpu" else torch.float32)
         dist.all_reduce(total, group=ctx.group)
         close(total, h64.grad, "sum of the hidden-gradient partials", tol)
     close(w.grad, w64.grad[sl], "weight gradient rows", tol)
@@ -626,6 +632,22 @@ def test_case(results, name):
     ran = [key for key in results[0] if key.startswith(name + "[")]
     assert ran, f"case {name} did not run"
     assert not failures, "\n".join(failures)
+
+
+def test_example():
+    """examples/distributed.py under torchrun with two gloo processes: its step-0 check of the
+    loss and every gradient against one float64 process passes."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "CUDA_VISIBLE_DEVICES"}
+    env["CUDA_VISIBLE_DEVICES"] = ""
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--standalone",
+                           "--nproc_per_node", "2", os.path.join(root, "examples", "distributed.py"),
+                           "--steps", "3"], capture_output=True, text=True, timeout=TIMEOUT_S,
+                          env=env, cwd=root)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "largest gradient difference" in proc.stdout, proc.stdout
 
 
 @pytest.mark.gpu
