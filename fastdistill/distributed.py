@@ -150,7 +150,6 @@ def _vocab_shard(x, name: str, dim: int, expect: str, grad_to_local: bool = True
     """A DTensor sharded along the vocabulary dimension `dim` on exactly one mesh dimension (and
     Replicate on the others) -> its local tensor, the mesh dimension's group, offset, width."""
     from torch.distributed.tensor import Replicate, Shard
-    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
     dim = dim % x.dim()
     shard_dims = [i for i, p in enumerate(x.placements)
                   if isinstance(p, Shard) and p.dim % x.dim() == dim]
@@ -161,9 +160,19 @@ def _vocab_shard(x, name: str, dim: int, expect: str, grad_to_local: bool = True
                          f"vocabulary-parallel loss needs it placed {expect} on exactly one mesh "
                          "dimension and Replicate() on the others")
     mesh_dim = shard_dims[0]
-    _, offsets = compute_local_shape_and_global_offset(x.shape, x.device_mesh, x.placements)
+    mesh = x.device_mesh
+    # Shard(d) splits like torch.chunk: pieces of ceil(L / n), the last ones shorter or empty
+    total, parts = int(x.shape[dim]), mesh.size(mesh_dim)
+    piece = -(-total // parts)
+    offset = min(mesh.get_local_rank(mesh_dim) * piece, total)
     local = x.to_local() if grad_to_local else x.to_local().detach()
-    return _Slice(local, x.device_mesh.get_group(mesh_dim), int(offsets[dim]), int(x.shape[dim]))
+    if local.shape[dim] != max(0, min(piece, total - offset)):
+        raise ValueError(f"{name}: this rank's shard has {local.shape[dim]} of {total} vocabulary "
+                         f"entries where Shard({dim}) over {parts} ranks gives "
+                         f"{max(0, min(piece, total - offset))}; build it with "
+                         "distribute_tensor or DTensor.from_local(..., shape=...) with even "
+                         "pieces")
+    return _Slice(local, mesh.get_group(mesh_dim), offset, total)
 
 
 def _replicated(x, name: str, group, grad_partial: bool = False):
@@ -313,10 +322,9 @@ def _rows(zs: torch.Tensor, zt: torch.Tensor, lab: Optional[torch.Tensor],
     # pass 1: row maxima over the whole vocabulary
     mx = torch.full((R, 3 if sep_ce else 2), -math.inf, dtype=_F32, device=dev)
     if real > 0:
-        torch.amax(a, -1, out=mx[:, 0])
-        torch.amax(b, -1, out=mx[:, 1])
+        mx[:, 0], mx[:, 1] = a.amax(-1), b.amax(-1)
         if sep_ce:
-            torch.amax(c, -1, out=mx[:, 2])
+            mx[:, 2] = c.amax(-1)
     _all_reduce(mx, dist.ReduceOp.MAX, lay.group)
 
     # pass 2: sums of exp relative to the maxima, the label's logit, and the KL numerators

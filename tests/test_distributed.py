@@ -13,8 +13,8 @@ from __future__ import annotations
 
 import datetime
 import os
-import socket
 import tempfile
+import time
 import traceback
 
 import pytest
@@ -570,20 +570,14 @@ def errors(ctx):
 
 # ---- the spawn --------------------------------------------------------------------------------
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def _worker(rank, world, port, out_dir, backend, names):
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+def _worker(rank, world, out_dir, backend, names):
     torch.set_num_threads(1)
     device = torch.device("cuda", rank) if backend == "nccl" else torch.device("cpu")
     if backend == "nccl":
         torch.cuda.set_device(device)
-    dist.init_process_group(backend, rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    # a file rendezvous: no port to collide with other processes on the machine
+    dist.init_process_group(backend, init_method="file://" + os.path.join(out_dir, "rendezvous"),
+                            rank=rank, world_size=world, timeout=datetime.timedelta(seconds=60))
     groups = [("world", None)]
     if world >= 4:
         pairs = [dist.new_group([0, 1]), dist.new_group([2, 3])]
@@ -605,17 +599,15 @@ def _worker(rank, world, port, out_dir, backend, names):
 def spawn(world, backend="gloo", names=None):
     names = list(CASES) if names is None else names
     with tempfile.TemporaryDirectory() as out:
-        ctx = mp.start_processes(_worker, args=(world, _free_port(), out, backend, names),
+        ctx = mp.start_processes(_worker, args=(world, out, backend, names),
                                  nprocs=world, join=False, start_method="spawn")
-        deadline = TIMEOUT_S
-        import time
         t0 = time.monotonic()
         while not ctx.join(timeout=5):
-            if time.monotonic() - t0 > deadline:
+            if time.monotonic() - t0 > TIMEOUT_S:
                 for p in ctx.processes:
                     if p.is_alive():
                         p.terminate()
-                raise TimeoutError(f"the {world} worker processes ran past {deadline} s")
+                raise TimeoutError(f"the {world} worker processes ran past {TIMEOUT_S} s")
         return [torch.load(os.path.join(out, f"rank{r}.pt")) for r in range(world)]
 
 
