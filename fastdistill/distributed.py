@@ -76,8 +76,10 @@ __all__ = [
     "is_vocab_parallel",
 ]
 
-# float32 elements per [rows, Vl] temporary of the logit-level loss; about ten live at once
+# float32 elements per [rows, Vl] temporary of the logit-level loss (about fifteen live at
+# once): 8 MiB on CPU, 32 MiB on GPUs, where fewer, larger chunks mean fewer all-reduces
 CHUNK_ELEMENTS = 1 << 21
+CHUNK_ELEMENTS_GPU = 1 << 23
 # float32 [chunk, Vl] buffers of the linear loss's chunk (logits, teacher logits, row temporaries)
 LINEAR_BUFFERS = 12
 
@@ -480,7 +482,8 @@ def _logit_sweep(student, teacher, P: _LogitProblem, need_grad: bool, grad_scale
     rows = torch.empty(N, dtype=_F32, device=student.device)
     grad = torch.empty_like(student, memory_format=torch.contiguous_format) if need_grad \
         else None
-    step = max(1, CHUNK_ELEMENTS // max(P.lay.uniform_width, 1))
+    elements = CHUNK_ELEMENTS if student.device.type == "cpu" else CHUNK_ELEMENTS_GPU
+    step = max(1, elements // max(P.lay.uniform_width, 1))
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
         lab = P.lab[r0:r1] if P.lab is not None else None

@@ -234,15 +234,15 @@ def logits_bf16(ctx):
 def logits_many_chunks(ctx):
     """More rows than one chunk: the row chunks agree across ranks."""
     import fastdistill.distributed as fdd
-    old = fdd.CHUNK_ELEMENTS
-    fdd.CHUNK_ELEMENTS = 24  # 24 // 12 columns = 2 rows per chunk
+    old = fdd.CHUNK_ELEMENTS, fdd.CHUNK_ELEMENTS_GPU
+    fdd.CHUNK_ELEMENTS = fdd.CHUNK_ELEMENTS_GPU = 2 * 12 // ctx.size  # 2 rows per chunk
     try:
         s, t = make_logits(85, (9,), 12)
         lab = make_labels(85, (9,), 12, ctx)
         run_logits(ctx, s, t, lab, divergence="skew_reverse_kl", hard_weight=0.3,
                    temperature=3.0)
     finally:
-        fdd.CHUNK_ELEMENTS = old
+        fdd.CHUNK_ELEMENTS, fdd.CHUNK_ELEMENTS_GPU = old
 
 
 # ---- linear -----------------------------------------------------------------------------------
