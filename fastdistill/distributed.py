@@ -1017,6 +1017,9 @@ def call_unsharded(modules, fn, *args, **kwargs):
     more in backward (FSDP's pre-backward hook), which the loss does not need: set
     ``student.lm_head.set_reshard_after_forward(False)`` to keep it until the gradient is
     reduced instead (memory for one all-gather).
+
+    DeepSpeed ZeRO-3 has no FSDP2 modules; there the weights are gathered around the loss with
+    ``deepspeed.zero.GatheredParameters([...])`` instead (see the README; untested here).
     """
     FSDPModule = _fsdp_module_cls()
     mods = [modules] if isinstance(modules, torch.nn.Module) else list(modules)
