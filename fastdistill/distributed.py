@@ -446,7 +446,9 @@ def _reduction_scale(reduction: str, keep: Optional[torch.Tensor], n_rows: int, 
         return one
     if reduction == "mean" and num_items is not None:
         if isinstance(num_items, torch.Tensor):
-            return 1.0 / num_items.reshape(()).to(device=device, dtype=_F32)
+            n = num_items.reshape(()).to(device=device, dtype=_F32)
+            # no host sync on a device tensor: a value that is not finite and > 0 gives NaN
+            return torch.where(torch.isfinite(n) & (n > 0), 1.0 / n, one * math.nan)
         return one / float(num_items)
     if keep is not None:
         return 1.0 / keep.sum().clamp_min(1).to(_F32)
