@@ -9,7 +9,7 @@ DTensors placed ``Shard(-1)`` (logits) / ``Shard(0)`` (weight, bias). The logits
 gathered. Per chunk of rows:
 
   pass 1  local row maxima of the student / teacher (/ CE) logits    all-reduce MAX  [R, 2-3]
-  pass 2  sums of exp relative to the global maxima, the label's       all-reduce SUM  [R, 2-5]
+  pass 2  sums of exp relative to the global maxima, the label's       all-reduce SUM  [R, 2-6]
           logit (held by one rank), and for forward / reverse /
           symmetric KL the divergence itself (its numerator
           sum p (log p - log q) kept relative to the maxima)
