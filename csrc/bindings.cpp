@@ -1,6 +1,7 @@
-// The pybind11 module fastdistill._C. It links no torch library: every function takes raw
-// pointers (as integers), sizes, strides, dtype codes and, for CUDA, a stream handle, and returns
-// a Status code. fastdistill/backends/_ext.py checks every argument before a pointer gets here.
+// The pybind11 module fastdistill._C. It links no torch library: a kernel call takes one of the
+// argument structs of csrc/include/fastdistill/args.h (bound here as Python classes whose pointer
+// fields are integers) and returns a Status code. fastdistill/backends/_ext.py fills the structs
+// from tensors and checks every argument first.
 #include <pybind11/pybind11.h>
 
 #include <cstdint>
@@ -9,6 +10,7 @@
 #endif
 
 #include "cpu/kernels.h"
+#include "fastdistill/args.h"
 #include "fastdistill/divergence.h"
 #if FD_WITH_CUDA
 #include "cuda/launchers.h"
@@ -22,37 +24,12 @@ namespace fd = fastdistill;
 
 namespace {
 
-template <typename T>
-T* ptr(uintptr_t p) {
-  return reinterpret_cast<T*>(p);
-}
-
-int32_t distill_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
-                    int32_t t_dtype, int64_t t_stride, uintptr_t labels, uintptr_t grad,
-                    int64_t g_stride, int64_t grad_width, uintptr_t loss_rows, int64_t n_rows,
-                    int32_t divergence, float beta, float inv_temperature, float soft_scale,
-                    float hard_weight, int64_t ignore_index, int64_t vocab, float grad_scale,
-                    int32_t num_threads) {
-  const fd::DistillParams p{divergence, beta, inv_temperature, soft_scale,
-                              hard_weight, ignore_index, vocab};
-  py::gil_scoped_release nogil;
-  return fd::cpu::best::distill_rows(ptr<const void>(student), s_dtype, s_stride,
-                                     ptr<const void>(teacher), t_dtype, t_stride,
-                                     ptr<const int64_t>(labels), ptr<void>(grad), g_stride,
-                                     grad_width, ptr<float>(loss_rows), n_rows, p, grad_scale,
-                                     num_threads);
-}
-
-int32_t feature_cpu(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
-                    int32_t t_dtype, int64_t t_stride, uintptr_t mask, uintptr_t grad,
-                    int64_t g_stride, uintptr_t loss_rows, int64_t n_rows, int64_t dim,
-                    int32_t kind, float grad_scale, int32_t num_threads) {
-  py::gil_scoped_release nogil;
-  return fd::cpu::best::feature_rows(ptr<const void>(student), s_dtype, s_stride,
-                                     ptr<const void>(teacher), t_dtype, t_stride,
-                                     ptr<const bool>(mask), ptr<void>(grad), g_stride,
-                                     ptr<float>(loss_rows), n_rows, dim, kind, grad_scale,
-                                     num_threads);
+// A pointer field of struct S, read and written from Python as an integer address.
+template <typename S, typename T>
+void pointer(py::class_<S>& c, const char* name, T* S::*field) {
+  c.def_property(
+      name, [field](const S& s) { return reinterpret_cast<uintptr_t>(s.*field); },
+      [field](S& s, uintptr_t p) { s.*field = reinterpret_cast<T*>(p); });
 }
 
 // Ask for transparent huge pages on a fresh buffer before its first touch. On CPU the first
@@ -72,61 +49,111 @@ bool advise_hugepages(uintptr_t p, int64_t bytes) {
 #endif
 }
 
-#if FD_WITH_CUDA
-// The CUDA launchers: grad_scale (and factor) are device pointers to float32 scalars, read by the
-// kernels; `stream` is the cudaStream_t to enqueue on. Nothing here synchronises.
-int32_t distill_cuda(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
-                     int32_t t_dtype, int64_t t_stride, uintptr_t labels, uintptr_t grad,
-                     int64_t g_stride, int64_t grad_width, uintptr_t loss_rows, int64_t n_rows,
-                     int32_t divergence, float beta, float inv_temperature, float soft_scale,
-                     float hard_weight, int64_t ignore_index, int64_t vocab, uintptr_t grad_scale,
-                     uintptr_t stream) {
-  const fd::DistillParams p{divergence, beta, inv_temperature, soft_scale,
-                              hard_weight, ignore_index, vocab};
-  py::gil_scoped_release nogil;
-  return fd::cuda::distill_rows(ptr<const void>(student), s_dtype, s_stride,
-                                ptr<const void>(teacher), t_dtype, t_stride,
-                                ptr<const int64_t>(labels), ptr<void>(grad), g_stride, grad_width,
-                                ptr<float>(loss_rows), n_rows, p, ptr<const float>(grad_scale),
-                                ptr<void>(stream));
+// The struct's own address, so that the tests' host emulation of the CUDA kernels (a separate
+// library, tests/cuda_emu/) runs on the very struct this module filled.
+template <typename S>
+void address(py::class_<S>& c) {
+  c.def_property_readonly("address", [](const S& s) { return reinterpret_cast<uintptr_t>(&s); });
 }
 
-int32_t feature_cuda(uintptr_t student, int32_t s_dtype, int64_t s_stride, uintptr_t teacher,
-                     int32_t t_dtype, int64_t t_stride, uintptr_t mask, uintptr_t grad,
-                     int64_t g_stride, uintptr_t loss_rows, int64_t n_rows, int64_t dim,
-                     int32_t kind, uintptr_t grad_scale, uintptr_t stream) {
-  py::gil_scoped_release nogil;
-  return fd::cuda::feature_rows(ptr<const void>(student), s_dtype, s_stride,
-                                ptr<const void>(teacher), t_dtype, t_stride,
-                                ptr<const bool>(mask), ptr<void>(grad), g_stride,
-                                ptr<float>(loss_rows), n_rows, dim, kind,
-                                ptr<const float>(grad_scale), ptr<void>(stream));
+template <typename Args, int32_t (*Fn)(const Args&)>
+int32_t nogil(const Args& a) {
+  py::gil_scoped_release release;
+  return Fn(a);
 }
-
-int32_t scale_rows_cuda(uintptr_t grad, int32_t dtype, int64_t stride, int64_t n_rows,
-                        int64_t width, uintptr_t factor, bool per_row, uintptr_t stream) {
-  py::gil_scoped_release nogil;
-  return fd::cuda::scale_rows(ptr<void>(grad), dtype, stride, n_rows, width,
-                              ptr<const float>(factor), per_row, ptr<void>(stream));
-}
-#endif
 
 }  // namespace
 
+namespace fastdistill {
+void register_build_info(py::module_& m);  // csrc/build_info.cpp
+}  // namespace fastdistill
+
 PYBIND11_MODULE(_C, m) {
-  m.doc() = "fastdistill kernels (torch-free; pointers in, status codes out)";
+  m.doc() = "fastdistill kernels (torch-free; argument structs in, status codes out)";
   m.attr("version") = FD_VERSION;
   m.attr("has_cuda") = bool(FD_WITH_CUDA);
+
+  py::class_<fd::DistillParams>(m, "DistillParams")
+      .def(py::init<>())
+      .def_readwrite("divergence", &fd::DistillParams::divergence)
+      .def_readwrite("beta", &fd::DistillParams::beta)
+      .def_readwrite("s_mul", &fd::DistillParams::s_mul)
+      .def_readwrite("t_mul", &fd::DistillParams::t_mul)
+      .def_readwrite("h_mul", &fd::DistillParams::h_mul)
+      .def_readwrite("h_ratio", &fd::DistillParams::h_ratio)
+      .def_readwrite("soft_scale", &fd::DistillParams::soft_scale)
+      .def_readwrite("hard_weight", &fd::DistillParams::hard_weight)
+      .def_readwrite("ignore_index", &fd::DistillParams::ignore_index)
+      .def_readwrite("vocab", &fd::DistillParams::vocab);
+
+  py::class_<fd::DistillArgs> da(m, "DistillArgs");
+  da.def(py::init<>())
+      .def_readwrite("s_dtype", &fd::DistillArgs::s_dtype)
+      .def_readwrite("s_stride", &fd::DistillArgs::s_stride)
+      .def_readwrite("t_dtype", &fd::DistillArgs::t_dtype)
+      .def_readwrite("t_stride", &fd::DistillArgs::t_stride)
+      .def_readwrite("g_stride", &fd::DistillArgs::g_stride)
+      .def_readwrite("grad_width", &fd::DistillArgs::grad_width)
+      .def_readwrite("n_rows", &fd::DistillArgs::n_rows)
+      .def_readwrite("params", &fd::DistillArgs::params)
+      .def_readwrite("num_threads", &fd::DistillArgs::num_threads);
+  pointer(da, "student", &fd::DistillArgs::student);
+  pointer(da, "teacher", &fd::DistillArgs::teacher);
+  pointer(da, "labels", &fd::DistillArgs::labels);
+  pointer(da, "grad", &fd::DistillArgs::grad);
+  pointer(da, "loss_rows", &fd::DistillArgs::loss_rows);
+  pointer(da, "grad_scale", &fd::DistillArgs::grad_scale);
+  pointer(da, "stream", &fd::DistillArgs::stream);
+  address(da);
+
+  py::class_<fd::FeatureArgs> fa(m, "FeatureArgs");
+  fa.def(py::init<>())
+      .def_readwrite("s_dtype", &fd::FeatureArgs::s_dtype)
+      .def_readwrite("s_stride", &fd::FeatureArgs::s_stride)
+      .def_readwrite("t_dtype", &fd::FeatureArgs::t_dtype)
+      .def_readwrite("t_stride", &fd::FeatureArgs::t_stride)
+      .def_readwrite("g_stride", &fd::FeatureArgs::g_stride)
+      .def_readwrite("n_rows", &fd::FeatureArgs::n_rows)
+      .def_readwrite("dim", &fd::FeatureArgs::dim)
+      .def_readwrite("kind", &fd::FeatureArgs::kind)
+      .def_readwrite("num_threads", &fd::FeatureArgs::num_threads);
+  pointer(fa, "student", &fd::FeatureArgs::student);
+  pointer(fa, "teacher", &fd::FeatureArgs::teacher);
+  pointer(fa, "mask", &fd::FeatureArgs::mask);
+  pointer(fa, "grad", &fd::FeatureArgs::grad);
+  pointer(fa, "loss_rows", &fd::FeatureArgs::loss_rows);
+  pointer(fa, "grad_scale", &fd::FeatureArgs::grad_scale);
+  pointer(fa, "stream", &fd::FeatureArgs::stream);
+  address(fa);
+
+  py::class_<fd::ScaleArgs> sa(m, "ScaleArgs");
+  sa.def(py::init<>())
+      .def_readwrite("dtype", &fd::ScaleArgs::dtype)
+      .def_readwrite("stride", &fd::ScaleArgs::stride)
+      .def_readwrite("n_rows", &fd::ScaleArgs::n_rows)
+      .def_readwrite("width", &fd::ScaleArgs::width)
+      .def_readwrite("per_row", &fd::ScaleArgs::per_row);
+  pointer(sa, "grad", &fd::ScaleArgs::grad);
+  pointer(sa, "factor", &fd::ScaleArgs::factor);
+  pointer(sa, "stream", &fd::ScaleArgs::stream);
+  address(sa);
+
   m.def("cpu_isa", &fd::cpu::isa_name, "ISA variant of the host kernels in use");
-  m.def("distill_cpu", &distill_cpu, "logit-level distillation loss and gradient, host");
-  m.def("feature_cpu", &feature_cpu, "feature loss and gradient, host");
+  m.def("distill_cpu", &nogil<fd::DistillArgs, fd::cpu::best::distill_rows>,
+        "logit-level distillation loss and gradient, host");
+  m.def("feature_cpu", &nogil<fd::FeatureArgs, fd::cpu::best::feature_rows>,
+        "feature loss and gradient, host");
   m.def("advise_hugepages", &advise_hugepages, "madvise(MADV_HUGEPAGE) on a fresh buffer");
 #if FD_WITH_CUDA
   m.attr("cuda_archs") = FD_CUDA_ARCHS;  // compute capabilities with kernels, e.g. "80,90"
-  m.def("distill_cuda", &distill_cuda, "logit-level distillation loss and gradient, CUDA");
-  m.def("feature_cuda", &feature_cuda, "feature loss and gradient, CUDA");
-  m.def("scale_rows_cuda", &scale_rows_cuda, "in-place row scaling of a gradient, CUDA");
+  m.def("distill_cuda", &nogil<fd::DistillArgs, fd::cuda::distill_rows>,
+        "logit-level distillation loss and gradient, CUDA");
+  m.def("feature_cuda", &nogil<fd::FeatureArgs, fd::cuda::feature_rows>,
+        "feature loss and gradient, CUDA");
+  m.def("scale_rows_cuda", &nogil<fd::ScaleArgs, fd::cuda::scale_rows>,
+        "in-place row scaling of a gradient, CUDA");
   m.def("cuda_last_error", &fd::cuda::last_error,
         "message of the last CUDA error returned to this thread");
 #endif
+  fd::register_build_info(m);
 }

@@ -1,29 +1,26 @@
 """fastdistill: fused, memory-frugal knowledge-distillation losses for large language models.
 
-Public API (see README.md and fastdistill.functional for the exact semantics)::
+Public API (see README.md and the functions' docstrings for the exact semantics)::
 
     fd.distill_loss(student_logits, teacher_logits, labels=None, *, divergence=..., ...)
-    fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
     fd.linear_distill_loss(student_hidden, student_weight, teacher_hidden, teacher_weight,
                            labels=None, *, teacher_logits=None, ..., chunk_size=None, mode="auto")
-    fd.DistillLoss(**options)(student_logits, teacher_logits, labels=None)
-    fd.LinearDistillLoss(**options)(student_hidden, student_weight, teacher_hidden,
-                                    teacher_weight, labels=None)
-    fd.FeatureDistillLoss(layer_map, student_dims, teacher_dims, ...)(student_hidden_states,
-                                                                      teacher_hidden_states)
+    fd.feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, ...)
+    fd.DistillConfig(...)                         (every option, validated once)
+    fd.DistillLoss(...), fd.LinearDistillLoss(...)  (modules; options or config=)
+    fd.FeatureDistillLoss(layer_map, student_dims, teacher_dims, ...)
     fd.LayerMap.uniform(Ls, Lt) / .last(k, Ls, Lt) / .explicit(pairs, Ls, Lt)
     fd.ProgressiveLayerDrop(...), fd.StochasticLayerDrop(...)   (layer-pair schedules)
 """
 
 from fastdistill._version import __version__
-from fastdistill import backends, divergences, ops  # noqa: F401  (ops registers the custom ops)
+from fastdistill import backends, divergences, ops, reference  # noqa: F401 (ops registers ops)
 from fastdistill.backends import BackendUnavailableError
-from fastdistill.divergences import DIVERGENCES as _ALL_DIVERGENCES
-DIVERGENCES = _ALL_DIVERGENCES[:6]  # symmetric_kl lands with its kernels
-from fastdistill.functional import FEATURE_KINDS, distill_loss, feature_loss
+from fastdistill.config import FEATURE_KINDS, DistillConfig
+from fastdistill.divergences import DIVERGENCES
+from fastdistill.functional import distill_loss, feature_loss
 from fastdistill.linear import linear_distill_loss
 from fastdistill.losses import DistillLoss, LinearDistillLoss
-from fastdistill.losses import DistillLoss
 from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
 from fastdistill.feature_distill import FeatureDistillLoss
 
@@ -32,6 +29,7 @@ __all__ = [
     "distill_loss",
     "feature_loss",
     "linear_distill_loss",
+    "DistillConfig",
     "DistillLoss",
     "LinearDistillLoss",
     "FeatureDistillLoss",

@@ -3,8 +3,9 @@ that names the argument and says what was expected."""
 
 from __future__ import annotations
 
+import math
 import numbers
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -23,7 +24,8 @@ def tensor(name: str, x, *, floating: bool = True, min_dim: int = 1) -> torch.Te
 
 
 def same_device(names: Sequence[str], xs: Sequence[Optional[torch.Tensor]]) -> torch.device:
-    pairs = [(n, x) for n, x in zip(names, xs) if x is not None]
+    """The device of the tensors among xs (others are type-checked where they are used)."""
+    pairs = [(n, x) for n, x in zip(names, xs) if isinstance(x, torch.Tensor)]
     dev = pairs[0][1].device
     for n, x in pairs[1:]:
         if x.device != dev:
@@ -47,6 +49,17 @@ def labels(x, lead: torch.Size) -> torch.Tensor:
         raise ValueError(f"labels must have the logits' leading shape {tuple(lead)}, got "
                          f"{tuple(x.shape)}")
     return x.reshape(-1).to(torch.int64)
+
+
+def mask(x, lead: torch.Size, of: str = "logits'") -> torch.Tensor:
+    """A bool tensor of the leading shape, flattened to [N] (True: the token counts)."""
+    if not isinstance(x, torch.Tensor) or x.dtype != torch.bool:
+        got = x.dtype if isinstance(x, torch.Tensor) else type(x).__name__
+        raise TypeError(f"mask must be a bool tensor (True: the token counts), got {got}")
+    if x.shape != lead:
+        raise ValueError(f"mask must have the {of} leading shape {tuple(lead)}, got "
+                         f"{tuple(x.shape)}")
+    return x.reshape(-1)
 
 
 def label_range(lab: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -77,6 +90,20 @@ def vocab(vocab_size, vs: int, vt: int, s_name="student_logits", t_name="teacher
     return int(vocab_size)
 
 
+def teacher_grad(teachers: Sequence[Tuple[str, Optional[torch.Tensor]]],
+                 student_name: str, student_requires_grad: bool) -> None:
+    """The teacher gets no gradient; if a teacher tensor requires one while the student does
+    not, nothing could differentiate the loss: say so now rather than at backward."""
+    if not torch.is_grad_enabled() or student_requires_grad:
+        return
+    for name, t in teachers:
+        if isinstance(t, torch.Tensor) and t.requires_grad:
+            raise ValueError(f"{name} requires grad but {student_name} does not: the teacher "
+                             "gets no gradient from fastdistill, so this loss has nothing to "
+                             f"differentiate; detach {name} (or compute it under "
+                             "torch.no_grad())")
+
+
 def rows2d(x: torch.Tensor) -> torch.Tensor:
     """[..., V] -> [N, V] with unit stride along V (a view when possible)."""
     x2 = x.reshape(-1, x.shape[-1])
@@ -86,6 +113,8 @@ def rows2d(x: torch.Tensor) -> torch.Tensor:
 
 
 def num_items(n, reduction: str):
+    """num_items_in_batch: a finite number > 0 or a one-element tensor (checked on CPU; on a
+    GPU the check would synchronise, and a bad value gives a NaN loss instead)."""
     if n is None:
         return None
     if reduction != "mean":
@@ -95,12 +124,16 @@ def num_items(n, reduction: str):
         if n.numel() != 1:
             raise ValueError(f"num_items_in_batch must be a number or a one-element tensor, got "
                              f"shape {tuple(n.shape)}")
-        if n.device.type == "cpu" and not torch.compiler.is_compiling() and not float(n) > 0:
-            raise ValueError(f"num_items_in_batch must be > 0, got {float(n)}")
+        if n.dtype == torch.bool or n.is_complex():
+            raise TypeError(f"num_items_in_batch must be a real number tensor, got {n.dtype}")
+        if n.device.type == "cpu" and not torch.compiler.is_compiling():
+            v = float(n)
+            if not (math.isfinite(v) and v > 0):
+                raise ValueError(f"num_items_in_batch must be > 0 and finite, got {v}")
         return n
     if isinstance(n, bool) or not isinstance(n, numbers.Real):
         raise TypeError(f"num_items_in_batch must be a number or a tensor, got "
                         f"{type(n).__name__}")
-    if not n > 0:
-        raise ValueError(f"num_items_in_batch must be > 0, got {n}")
+    if not (math.isfinite(float(n)) and n > 0):
+        raise ValueError(f"num_items_in_batch must be > 0 and finite, got {n}")
     return n

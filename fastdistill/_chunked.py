@@ -75,21 +75,17 @@ class ChunkedLinearLoss(torch.autograd.Function):
     @staticmethod
     def forward(ctx, hidden, weight, bias, row_fn: RowFn, chunk: int, softcap: Optional[float],
                 per_row: bool, scale: torch.Tensor):
-        N = hidden.shape[0]
         needs = ctx.needs_input_grad[:3]
         ctx.row_fn, ctx.chunk, ctx.softcap, ctx.per_row = row_fn, chunk, softcap, per_row
         ctx.w_dtype = weight.dtype
         ctx.b_dtype = bias.dtype if bias is not None else None
-        rows = torch.empty(N, dtype=torch.float32, device=hidden.device)
-        grads = None
-        if any(needs) and not per_row:
-            grads = _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, None, rows)
-        else:
-            _run(hidden, weight, bias, row_fn, chunk, softcap, (False,) * 3, scale, None, rows)
+        want = needs if (any(needs) and not per_row) else (False,) * 3
+        rows, grads = run_chunks(hidden, weight, bias, row_fn, chunk, softcap, 1.0, want, scale,
+                                 None)
         if per_row:
             ctx.save_for_backward(hidden, weight, bias)
             return rows
-        ctx.grads = grads
+        ctx.grads = grads if any(want) else None
         return rows.sum() * scale
 
     @staticmethod
@@ -98,8 +94,8 @@ class ChunkedLinearLoss(torch.autograd.Function):
         if ctx.per_row:
             hidden, weight, bias = ctx.saved_tensors
             one = torch.ones((), dtype=torch.float32, device=hidden.device)
-            grads = _run(hidden, weight, bias, ctx.row_fn, ctx.chunk, ctx.softcap, needs, one,
-                         g_out.to(torch.float32), None)
+            _, grads = run_chunks(hidden, weight, bias, ctx.row_fn, ctx.chunk, ctx.softcap, 1.0,
+                                  needs, one, g_out.to(torch.float32))
         else:
             grads, ctx.grads = ctx.grads, None
             if grads is None:
@@ -112,11 +108,15 @@ class ChunkedLinearLoss(torch.autograd.Function):
                 None, None, None, None, None)
 
 
-def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor, rows_out):
-    """One sweep over the chunks. Fills rows_out (if given) and returns [grad_hidden,
-    grad_weight (float32), grad_bias (float32)] for the inputs in `needs`."""
+def run_chunks(hidden, weight, bias, row_fn, chunk, softcap, pre_scale, needs, scale,
+               row_factor):
+    """One sweep over the chunks: (rows [N] float32, [grad_hidden, grad_weight (float32),
+    grad_bias (float32)]) for the inputs in `needs` (None for the others). The logits are
+    ``softcap(pre_scale * z)`` when a softcap is given (else z as it is); gradients are those of
+    ``sum(scale * row_factor * rows)``."""
     N = hidden.shape[0]
     want = any(needs)
+    rows_out = torch.empty(N, dtype=torch.float32, device=hidden.device)
     g_h = torch.empty_like(hidden) if needs[0] else None
     g_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if needs[1] \
         else None
@@ -135,17 +135,18 @@ def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor,
             z += b
         th = None
         if softcap is not None:
+            if pre_scale != 1.0:
+                z.mul_(pre_scale)
             th = torch.tanh(z.div_(softcap))
             z = torch.mul(th, softcap, out=z)
         rows, G = row_fn(r0, r1, z, want, scale)
-        if rows_out is not None:
-            rows_out[r0:r1] = rows
+        rows_out[r0:r1] = rows
         if not want:
             continue
         if row_factor is not None:
             G.mul_(row_factor[r0:r1, None])
         if th is not None:
-            G.mul_(1.0 - th * th)
+            G.mul_((1.0 - th * th) * pre_scale if pre_scale != 1.0 else 1.0 - th * th)
         if tc:
             Gm = G.to(w.dtype)
             if g_h is not None:
@@ -162,7 +163,7 @@ def _run(hidden, weight, bias, row_fn, chunk, softcap, needs, scale, row_factor,
                 g_w.addmm_(G.t(), h)
         if g_b is not None:
             g_b += G.sum(0)
-    return [g_h, g_w, g_b]
+    return rows_out, [g_h, g_w, g_b]
 
 
 def chunked_linear_loss(hidden, weight, bias, row_fn: RowFn, chunk: int,

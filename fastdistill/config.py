@@ -42,7 +42,11 @@ def real(name: str, value, *, lo=None, hi=None, lo_open=False, what="") -> float
 def positive_or_none(name: str, value) -> Optional[float]:
     if value is None:
         return None
-    return real(name, value, lo=0.0, lo_open=True)
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a positive number or None, got {type(value).__name__}")
+    if not (math.isfinite(float(value)) and value > 0):
+        raise ValueError(f"{name} must be a positive finite number or None, got {value}")
+    return float(value)
 
 
 def positive_int_or_none(name: str, value) -> Optional[int]:
@@ -157,7 +161,15 @@ class DistillConfig:
             raise TypeError(f"ignore_index must be an int, got {type(self.ignore_index).__name__}")
         s(self, "ignore_index", int(self.ignore_index))
         choice("reduction", self.reduction, REDUCTIONS)
-        s(self, "vocab_size", positive_int_or_none("vocab_size", self.vocab_size))
+        if self.vocab_size is not None:
+            if isinstance(self.vocab_size, bool) or not isinstance(self.vocab_size,
+                                                                   numbers.Integral):
+                raise TypeError(f"vocab_size must be an int, got "
+                                f"{type(self.vocab_size).__name__}")
+            if self.vocab_size < 1:
+                raise ValueError(f"vocab_size must be >= 1 (the number of real vocabulary "
+                                 f"columns), got {self.vocab_size}")
+            s(self, "vocab_size", int(self.vocab_size))
         for name in ("student_logit_scale", "teacher_logit_scale", "student_softcap",
                      "teacher_softcap"):
             s(self, name, positive_or_none(name, getattr(self, name)))

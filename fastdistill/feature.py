@@ -9,7 +9,8 @@ from torch import nn
 
 from fastdistill import _checks, backends
 from fastdistill._chunked import chunked_linear_loss, default_chunk
-from fastdistill._reduction import reduction_scale
+from fastdistill._rows import reduction_scale
+from fastdistill.reference import reference_feature_loss  # noqa: F401 (moved there)
 
 
 def projection_params(projection, ds: int, dt: int, device: torch.device):
@@ -41,8 +42,7 @@ def projected_feature_loss(student, teacher, projection, kind: int, mask, reduct
     weight, bias = projection_params(projection, ds, dt, student.device)
     s2, t2 = _checks.rows2d(student), _checks.rows2d(teacher)
     N = s2.shape[0]
-    valid = mask.sum() if mask is not None else None
-    scale = reduction_scale(reduction, N, valid, None, student.device)
+    scale = reduction_scale(reduction, N, mask, student.device)
     if coef != 1.0 and reduction != "none":
         scale = scale * coef
     impl = backends.get(backend)
@@ -58,35 +58,3 @@ def projected_feature_loss(student, teacher, projection, kind: int, mask, reduct
         return loss
     # backward passes coef * grad_output as the per-row factors (applied in float32)
     return (loss * coef if coef != 1.0 else loss).reshape(lead)
-
-
-def reference_feature_loss(student, teacher, kind="mse", mask=None, projection=None,
-                           reduction="mean") -> torch.Tensor:
-    """``feature_loss`` in float64 with plain PyTorch (differentiable); the tests' oracle."""
-    s, t = student.to(torch.float64), teacher.to(torch.float64)
-    if projection is not None:
-        w, b = (projection.weight, projection.bias) if isinstance(projection, nn.Linear) \
-            else (projection, None)
-        s = s @ w.to(torch.float64).t()
-        if b is not None:
-            s = s + b.to(torch.float64)
-    if kind == "mse":
-        rows = ((s - t) ** 2).mean(-1)
-    elif kind == "cosine":
-        ns = s.norm(dim=-1).clamp_min(1e-8)
-        nt = t.norm(dim=-1).clamp_min(1e-8)
-        rows = 1 - (s * t).sum(-1) / (ns * nt)
-    elif kind == "normalized_mse":
-        D = s.shape[-1]
-        rows = ((torch.nn.functional.layer_norm(s, (D,), eps=1e-5)
-                 - torch.nn.functional.layer_norm(t, (D,), eps=1e-5)) ** 2).mean(-1)
-    else:
-        raise ValueError(kind)
-    if mask is not None:
-        rows = torch.where(mask, rows, torch.zeros_like(rows))
-    if reduction == "none":
-        return rows
-    if reduction == "sum":
-        return rows.sum()
-    n = rows.numel() if mask is None else int(mask.sum())
-    return rows.sum() / max(n, 1)

@@ -16,9 +16,10 @@ import torch
 from torch import nn
 
 from fastdistill import _checks, backends, ops
-from fastdistill._reduction import reduction_scale
+from fastdistill._rows import reduction_scale
 from fastdistill.feature import projected_feature_loss
-from fastdistill.functional import FEATURE_KINDS
+from fastdistill import config
+from fastdistill.config import FEATURE_KINDS
 from fastdistill.layers import LayerMap, LayerSchedule
 
 PROJECTION_INITS = ("identity", "orthogonal", "xavier", "default")
@@ -145,8 +146,7 @@ class FeatureDistillLoss(nn.Module):
         if not isinstance(reduction, str) or reduction not in ("mean", "sum", "none"):
             raise ValueError(f"reduction must be one of ('mean', 'sum', 'none'), got "
                              f"{reduction!r}")
-        if not isinstance(backend, str) or backend not in backends.BACKENDS:
-            raise ValueError(f"backend must be one of {backends.BACKENDS}, got {backend!r}")
+        config.choice("backend", backend, config.BACKENDS)
         if not (project is True or project is False
                 or (isinstance(project, str) and project == "all")):
             raise ValueError(f"project must be True, False or 'all', got {project!r}")
@@ -339,9 +339,9 @@ class FeatureDistillLoss(nn.Module):
         if mask is not None:
             m = mask.reshape(-1)
             m = m.repeat(k) if k > 1 else m
-        valid = mask.sum() if mask is not None else None
         # 1 / #selected tokens of ONE pair (the mask is shared), 1 for sum / none
-        inv_n = reduction_scale(self.reduction, N, valid, None, s2.device)
+        inv_n = reduction_scale(self.reduction, N,
+                                mask.reshape(-1) if mask is not None else None, s2.device)
         code = FEATURE_KINDS.index(self.kind)
         need_grad = torch.is_grad_enabled() and s2.requires_grad
         if self.reduction != "none" and all(c == coefs[0] for c in coefs):

@@ -1,29 +1,41 @@
-"""The public loss functions: distill_loss, feature_loss (and linear_distill_loss, in linear.py).
+"""The public logit-level and feature losses: distill_loss, feature_loss (and
+linear_distill_loss, in linear.py).
 
-Each reads top to bottom: check the arguments, flatten to rows, pick the backend, call the
-custom op of ops.py (which holds the autograd and torch.compile registration).
+Each reads top to bottom: options into a DistillConfig (validated once), the tensors checked and
+flattened to rows, the backend picked, then the custom op of ops.py (which holds the autograd and
+the torch.compile registration).
 """
 
 from __future__ import annotations
 
 import torch
 
-from fastdistill import _checks, backends, ops
-from fastdistill._reduction import reduction_scale
-from fastdistill.divergences import make_options
-
-FEATURE_KINDS = ("mse", "cosine", "normalized_mse")
+from fastdistill import _checks, _rows, backends, ops
+from fastdistill.config import FEATURE_KINDS, DistillConfig
 
 
 def _need_grad(x: torch.Tensor) -> bool:
     return torch.is_grad_enabled() and x.requires_grad
 
 
+def _logit_tensors(student_logits, teacher_logits, vocab_size) -> int:
+    """Checks the logits and their widths; returns the real vocabulary size V."""
+    _checks.tensor("student_logits", student_logits)
+    _checks.tensor("teacher_logits", teacher_logits)
+    _checks.leading("teacher_logits", teacher_logits, student_logits.shape[:-1], "student_logits")
+    return _checks.vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
+
+
 def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="forward_kl",
-                 beta=0.5, temperature=1.0, t2_scale=False, hard_weight=0.0, soft_weight=1.0,
-                 ignore_index=-100, reduction="mean", num_items_in_batch=None, vocab_size=None,
-                 backend="auto") -> torch.Tensor:
+                 beta=0.5, ratio=0.5, temperature=1.0, t2_scale=False, hard_weight=0.0,
+                 soft_weight=1.0, ignore_index=-100, reduction="mean", num_items_in_batch=None,
+                 vocab_size=None, mask=None, student_logit_scale=None, teacher_logit_scale=None,
+                 shift_labels=False, backend="auto") -> torch.Tensor:
     """Distillation loss between student and teacher logits, with optional hard-label CE.
+
+    With P = softmax(teacher_logit_scale * teacher_logits / T) and Q = softmax(
+    student_logit_scale * student_logits / T), per token:
+    ``soft_weight * (T^2 if t2_scale else 1) * D(P, Q) + hard_weight * CE``.
 
     Args:
         student_logits: ``[..., Vs]`` float32 / float16 / bfloat16; receives the gradient.
@@ -31,48 +43,63 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
         labels: ``[...]`` int64 or None. Rows with ``labels == ignore_index`` add nothing and
             get a zero gradient. Needed for ``hard_weight > 0``.
         divergence: ``forward_kl`` KL(P||Q), ``reverse_kl`` KL(Q||P), ``jsd``,
-            ``skew_forward_kl``, ``skew_reverse_kl`` or ``tvd`` (see fastdistill.divergences),
-            with P = softmax(teacher / T), Q = softmax(student / T).
-        beta: mixing weight in [0, 1] of ``jsd`` / ``skew_*``.
+            ``skew_forward_kl``, ``skew_reverse_kl``, ``tvd`` or ``symmetric_kl``
+            (ratio KL(P||Q) + (1 - ratio) KL(Q||P)); see fastdistill.reference.
+        beta: mixing weight in [0, 1] of ``jsd`` / ``skew_*``; ratio: of ``symmetric_kl``.
         temperature: T > 0.
         t2_scale: multiply the divergence by T^2 (keeps gradient magnitudes T-independent).
-        hard_weight, soft_weight: token loss = soft_weight * (T^2?) * D + hard_weight * CE,
-            CE taken on the student logits at T = 1.
-        reduction: ``mean`` (over non-ignored rows; 0 when there are none), ``sum`` or
-            ``none`` (a float32 tensor of the leading shape, 0 at ignored rows).
+        hard_weight, soft_weight: the weights above; CE is taken on the (scaled) student
+            logits at T = 1.
+        reduction: ``mean`` (over counted rows; 0 when there are none), ``sum``, ``none`` (a
+            float32 tensor of the leading shape, 0 at rows that do not count) or ``batchmean``
+            (TRL's: sum / counted rows with labels or a mask, sum / input.shape[0] without).
         num_items_in_batch: with ``mean``, divide the sum by this instead (int or tensor).
         vocab_size: only the first ``vocab_size`` columns are real (padded vocabularies);
             required when the two widths differ. Padding columns get zero gradient.
+        mask: ``[...]`` bool; only True tokens count (with labels: both must agree).
+        student_logit_scale, teacher_logit_scale: the logits are multiplied by these first.
+        shift_labels: causal LMs: the same as passing ``logits[..., :-1, :]`` and
+            ``labels[..., 1:]`` (and ``mask[..., 1:]``), without copying the logits.
         backend: ``auto``, ``triton``, ``cuda``, ``cpu`` or ``torch``.
 
     Returns:
-        float32 loss: 0-d for ``mean`` / ``sum``, the leading shape for ``none``.
+        float32 loss: 0-d, or the leading shape for ``none``.
     """
-    opts = make_options(divergence, beta, temperature, t2_scale, hard_weight, soft_weight,
-                        ignore_index, reduction)
-    _checks.tensor("student_logits", student_logits)
-    _checks.tensor("teacher_logits", teacher_logits)
-    lead = student_logits.shape[:-1]
-    _checks.leading("teacher_logits", teacher_logits, lead, "student_logits")
-    lab = _checks.labels(labels, lead) if labels is not None else None
-    device = _checks.same_device(("student_logits", "teacher_logits", "labels"),
-                                 (student_logits, teacher_logits, labels))
-    V = _checks.vocab(vocab_size, student_logits.shape[-1], teacher_logits.shape[-1])
-    if opts.hard_weight > 0 and lab is None:
-        raise ValueError("hard_weight > 0 needs labels (the hard loss is CE against labels)")
-    if lab is not None and opts.hard_weight > 0:
-        _checks.label_range(lab, V, opts.ignore_index)
-    n_items = _checks.num_items(num_items_in_batch, opts.reduction)
-    name = backends.resolve(backend, device)
+    _logit_tensors(student_logits, teacher_logits, vocab_size)
+    cfg = DistillConfig(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
+                        t2_scale=t2_scale, hard_weight=hard_weight, soft_weight=soft_weight,
+                        ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
+                        student_logit_scale=student_logit_scale,
+                        teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
+                        backend=backend)
+    return distill_loss_with(cfg, student_logits, teacher_logits, labels, mask=mask,
+                             num_items_in_batch=num_items_in_batch)
 
-    s2, t2 = _checks.rows2d(student_logits), _checks.rows2d(teacher_logits)
-    valid = (lab != opts.ignore_index).sum() if lab is not None else None
-    scale = reduction_scale(opts.reduction, s2.shape[0], valid, n_items, device)
-    per_row = opts.reduction == "none"
-    loss, _ = ops.distill(s2, t2, lab, scale, opts.divergence, opts.beta, opts.temperature,
-                          opts.t2_scale, opts.hard_weight, opts.soft_weight, opts.ignore_index,
-                          V, per_row, name, _need_grad(student_logits))
-    return loss.reshape(lead) if per_row else loss
+
+def distill_loss_with(cfg: DistillConfig, student_logits, teacher_logits, labels=None, *,
+                      mask=None, num_items_in_batch=None) -> torch.Tensor:
+    """:func:`distill_loss` with its options in a validated :class:`DistillConfig` (what the
+    modules and trainers call)."""
+    if cfg.student_softcap is not None or cfg.teacher_softcap is not None:
+        raise ValueError("student_softcap / teacher_softcap apply to linear_distill_loss; "
+                         "distill_loss takes logits that are already capped")
+    V = _logit_tensors(student_logits, teacher_logits, cfg.vocab_size)
+    lead = student_logits.shape[:-1]
+    device = _checks.same_device(("student_logits", "teacher_logits", "labels", "mask"),
+                                 (student_logits, teacher_logits, labels, mask))
+    _checks.teacher_grad([("teacher_logits", teacher_logits)], "student_logits",
+                         student_logits.requires_grad)
+    rows = _rows.prepare(lead, student_logits.shape[0] if student_logits.dim() > 1 else 1,
+                         labels, mask, ignore_index=cfg.ignore_index, reduction=cfg.reduction,
+                         shift_labels=cfg.shift_labels, hard_weight=cfg.hard_weight, vocab=V,
+                         num_items_in_batch=num_items_in_batch, device=device)
+    name = backends.resolve(cfg.backend, device)
+    s2, t2 = _checks.rows2d(student_logits), _checks.rows2d(teacher_logits.detach())
+    k = cfg.kernel_options()
+    loss, _ = ops.distill(s2, t2, rows.labels, rows.scale, k.divergence, k.beta, k.s_mul,
+                          k.t_mul, k.h_mul, k.soft_scale, k.hard_weight, k.ignore_index, V,
+                          rows.per_row, name, _need_grad(student_logits))
+    return rows.output(loss)
 
 
 def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, reduction="mean",
@@ -103,18 +130,12 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
     _checks.tensor("teacher", teacher)
     lead = student.shape[:-1]
     _checks.leading("teacher", teacher, lead, "student")
-    m = None
-    if mask is not None:
-        if not isinstance(mask, torch.Tensor) or mask.dtype != torch.bool:
-            raise TypeError(f"mask must be a bool tensor, got "
-                            f"{mask.dtype if isinstance(mask, torch.Tensor) else type(mask).__name__}")
-        if mask.shape != lead:
-            raise ValueError(f"mask must have the features' leading shape {tuple(lead)}, got "
-                             f"{tuple(mask.shape)}")
-        m = mask.reshape(-1)
+    m = _checks.mask(mask, lead, "features'") if mask is not None else None
     device = _checks.same_device(("student", "teacher", "mask"), (student, teacher, mask))
+    _checks.teacher_grad([("teacher", teacher)], "student", student.requires_grad)
     name = backends.resolve(backend, device)
     code = FEATURE_KINDS.index(kind)
+    teacher = teacher.detach()
     if projection is not None:
         from fastdistill.feature import projected_feature_loss
         return projected_feature_loss(student, teacher, projection, code, m, reduction, name)
@@ -125,8 +146,9 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
     if student.shape[-1] == 0:
         raise ValueError("student and teacher must have at least one feature, got 0")
     s2, t2 = _checks.rows2d(student), _checks.rows2d(teacher)
-    valid = m.sum() if m is not None else None
-    scale = reduction_scale(reduction, s2.shape[0], valid, None, device)
+    scale = _rows.prepare(lead, 1, None, mask, ignore_index=-100, reduction=reduction,
+                          shift_labels=False, hard_weight=0.0, vocab=1, num_items_in_batch=None,
+                          device=device).scale
     per_row = reduction == "none"
     loss, _ = ops.feature(s2, t2, m, scale, code, per_row, name, _need_grad(student))
     return loss.reshape(lead) if per_row else loss

@@ -13,13 +13,14 @@ gradient. Under tracing (torch.compile, AOT autograd) the backward is the functi
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Optional, Tuple
 
 import torch
 from torch import Tensor
 
 from fastdistill import backends
-from fastdistill.divergences import DistillOptions
+from fastdistill.config import KernelOptions
 
 
 def _rows_view(factor: Tensor, like: Tensor) -> Tensor:
@@ -63,17 +64,18 @@ def _need_grad_error():
 
 @torch.library.custom_op("fastdistill::distill", mutates_args=())
 def distill(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scale: Tensor,
-            divergence: str, beta: float, temperature: float, t2_scale: bool, hard_weight: float,
-            soft_weight: float, ignore_index: int, vocab: int, per_row: bool, backend: str,
-            need_grad: bool) -> Tuple[Tensor, Tensor]:
-    """Loss and student gradient for 2-D logits ``student [N, Vs]``, ``teacher [N, Vt]``.
+            divergence: int, beta: float, s_mul: float, t_mul: float, h_mul: float,
+            soft_scale: float, hard_weight: float, ignore_index: int, vocab: int, per_row: bool,
+            backend: str, need_grad: bool) -> Tuple[Tensor, Tensor]:
+    """Loss and student gradient for 2-D logits ``student [N, Vs]``, ``teacher [N, Vt]``; the
+    scalars are those of ``fastdistill.config.KernelOptions``.
 
     Returns ``(loss, grad)``: loss is ``[N]`` float32 when ``per_row`` else
     ``scale * sum(rows)`` (0-d float32); grad is ``scale * d(loss)/d(student)`` in the
     student's dtype (``[N, Vs]``), or an empty tensor when ``need_grad`` is False.
     """
-    opts = DistillOptions(divergence, beta, temperature, t2_scale, hard_weight, soft_weight,
-                          ignore_index, "none" if per_row else "sum")
+    opts = KernelOptions(divergence, beta, s_mul, t_mul, h_mul, soft_scale, hard_weight,
+                         ignore_index)
     rows, grad = backends.get(backend).distill_forward(student, teacher, labels, opts, vocab,
                                                        scale, need_grad)
     loss = rows if per_row else rows.sum() * scale
@@ -81,8 +83,8 @@ def distill(student: Tensor, teacher: Tensor, labels: Optional[Tensor], scale: T
 
 
 @distill.register_fake
-def _(student, teacher, labels, scale, divergence, beta, temperature, t2_scale, hard_weight,
-      soft_weight, ignore_index, vocab, per_row, backend, need_grad):
+def _(student, teacher, labels, scale, divergence, beta, s_mul, t_mul, h_mul, soft_scale,
+      hard_weight, ignore_index, vocab, per_row, backend, need_grad):
     loss = student.new_empty((student.shape[0],) if per_row else (), dtype=torch.float32)
     grad = student.new_empty(student.shape if need_grad else (0,))
     return loss, grad
@@ -100,7 +102,7 @@ def _distill_backward(ctx, g_loss, g_grad):
     if not ctx.need_grad:
         raise _need_grad_error()
     (grad,) = ctx.saved_tensors
-    return (_apply_grad_output(grad, g_loss),) + (None,) * 14
+    return (_apply_grad_output(grad, g_loss),) + (None,) * 15
 
 
 torch.library.register_autograd("fastdistill::distill", _distill_backward,
@@ -136,3 +138,126 @@ def _feature_backward(ctx, g_loss, g_grad):
 
 torch.library.register_autograd("fastdistill::feature", _feature_backward,
                                 setup_context=_distill_setup)
+
+
+# ---- fastdistill::linear_distill --------------------------------------------------------------
+
+@dataclass
+class LinearCall:
+    """The tensors and numbers of one linear_distill call, as the implementations of
+    backends/linear_chunked.py and backends/linear_fused.py read them."""
+
+    h_s: Tensor
+    w_s: Tensor
+    b_s: Optional[Tensor]
+    h_t: Optional[Tensor]
+    w_t: Optional[Tensor]
+    b_t: Optional[Tensor]
+    t_logits: Optional[Tensor]
+    labels: Optional[Tensor]
+    divergence: int
+    beta: float
+    inv_t: float
+    soft_scale: float
+    hard_weight: float
+    ignore_index: int
+    vocab: int
+    s_scale: float
+    t_scale: float
+    s_cap: Optional[float]
+    t_cap: Optional[float]
+    backend: str
+
+
+def _linear_impl(call: LinearCall, scale, row_factor, needs, mode, chunk_rows, chunk_vocab):
+    if mode == "fused":
+        from fastdistill.backends import linear_fused
+        return linear_fused.forward(call, scale, row_factor, needs, chunk_vocab)
+    from fastdistill.backends import linear_chunked
+    return linear_chunked.forward(call, scale, row_factor, needs, chunk_rows)
+
+
+@torch.library.custom_op("fastdistill::linear_distill", mutates_args=())
+def linear_distill(h_s: Tensor, w_s: Tensor, b_s: Optional[Tensor], h_t: Optional[Tensor],
+                   w_t: Optional[Tensor], b_t: Optional[Tensor], t_logits: Optional[Tensor],
+                   labels: Optional[Tensor], scale: Tensor, row_factor: Optional[Tensor],
+                   divergence: int, beta: float, inv_t: float, soft_scale: float,
+                   hard_weight: float, ignore_index: int, vocab: int, s_scale: float,
+                   t_scale: float, s_cap: Optional[float], t_cap: Optional[float],
+                   per_row: bool, mode: str, backend: str, chunk_rows: int, chunk_vocab: int,
+                   need_h: bool, need_w: bool, need_b: bool
+                   ) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Loss of ``h_s [N, Ds] @ w_s [Vs, Ds].T (+ b_s)`` against the teacher (``h_t @ w_t.T
+    (+ b_t)`` or ``t_logits [N, Vt]``), with the gradients computed in the same call.
+
+    Returns ``(loss, grad_h, grad_w, grad_b)``: loss ``[N]`` float32 when ``per_row`` else
+    ``scale * sum(rows)``; the gradients are those of ``sum(scale * row_factor * rows)``
+    (``row_factor`` [N] float32 or None), in the inputs' dtypes, or empty tensors where not
+    asked for (need_*) or when ``per_row`` (backward then calls this op again with the per-row
+    grad_output as ``row_factor``).
+    """
+    call = LinearCall(h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, divergence, beta, inv_t,
+                      soft_scale, hard_weight, ignore_index, vocab, s_scale, t_scale, s_cap,
+                      t_cap, backend)
+    needs = (need_h and not per_row, need_w and not per_row,
+             need_b and b_s is not None and not per_row)
+    rows, (g_h, g_w, g_b) = _linear_impl(call, scale, row_factor, needs, mode, chunk_rows,
+                                         chunk_vocab)
+    loss = rows if per_row else rows.sum() * scale
+    return (loss, g_h.to(h_s.dtype) if g_h is not None else h_s.new_empty(0),
+            g_w.to(w_s.dtype) if g_w is not None else h_s.new_empty(0),
+            g_b.to(b_s.dtype) if g_b is not None else h_s.new_empty(0))
+
+
+@linear_distill.register_fake
+def _(h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, scale, row_factor, divergence, beta,
+      inv_t, soft_scale, hard_weight, ignore_index, vocab, s_scale, t_scale, s_cap, t_cap,
+      per_row, mode, backend, chunk_rows, chunk_vocab, need_h, need_w, need_b):
+    loss = h_s.new_empty((h_s.shape[0],) if per_row else (), dtype=torch.float32)
+    want = not per_row
+    return (loss, h_s.new_empty(h_s.shape) if need_h and want else h_s.new_empty(0),
+            w_s.new_empty(w_s.shape) if need_w and want else h_s.new_empty(0),
+            b_s.new_empty(b_s.shape) if need_b and want and b_s is not None
+            else h_s.new_empty(0))
+
+
+_LINEAR_TENSORS = 10  # tensor inputs of fastdistill::linear_distill, before the options
+_PER_ROW = 11         # index of per_row among the options
+
+
+def _linear_setup(ctx, inputs, output):
+    ctx.opts = inputs[_LINEAR_TENSORS:]
+    ctx.per_row = ctx.opts[_PER_ROW]
+    ctx.set_materialize_grads(False)
+    ctx.mark_non_differentiable(*output[1:])
+    if ctx.per_row:  # backward recomputes with the per-row grad_output
+        ctx.save_for_backward(*inputs[:8])
+    else:  # the gradients, already computed
+        ctx.save_for_backward(*output[1:])
+
+
+def _linear_backward(ctx, g_loss, *unused):
+    need_h, need_w, need_b = ctx.needs_input_grad[:3]
+    n_none = _LINEAR_TENSORS - 3 + len(ctx.opts)
+    if g_loss is None:
+        return (None,) * (n_none + 3)
+    if ctx.per_row:
+        h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels = ctx.saved_tensors
+        opts = list(ctx.opts)
+        opts[_PER_ROW] = False  # gradients, with the per-row factors folded in
+        opts[-3:] = [need_h, need_w, need_b]
+        one = torch.ones((), dtype=torch.float32, device=h_s.device)
+        _, g_h, g_w, g_b = linear_distill(h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, one,
+                                          g_loss.to(torch.float32).contiguous(), *opts)
+    else:
+        g_h, g_w, g_b = ctx.saved_tensors
+        if not any(ctx.opts[-3:]):
+            raise _need_grad_error()
+        g_h, g_w, g_b = (_apply_grad_output(g, g_loss) if g.numel() else g
+                         for g in (g_h, g_w, g_b))
+    return (g_h if need_h else None, g_w if need_w else None,
+            g_b if need_b and g_b.numel() else None) + (None,) * n_none
+
+
+torch.library.register_autograd("fastdistill::linear_distill", _linear_backward,
+                                setup_context=_linear_setup)

@@ -71,15 +71,15 @@ def distill_cases(dtype):
     block = distill.block_size(128256)
     sig = {"s_ptr": p, "s_stride": "i64", "t_ptr": p, "t_stride": "i64", "labels_ptr": "*i64",
            "g_ptr": p, "g_stride": "i64", "loss_ptr": "*fp32", "scale_ptr": "*fp32",
-           "V": "i32", "G_WIDTH": "i32", "ignore_index": "i64", "beta": "fp32", "inv_t": "fp32",
-           "soft_scale": "fp32", "hard_weight": "fp32", "DIV": "constexpr",
-           "HAS_LABELS": "constexpr", "HARD": "constexpr", "T_IS_1": "constexpr",
-           "WRITE_GRAD": "constexpr", "BLOCK": "constexpr"}
+           "V": "i32", "G_WIDTH": "i32", "ignore_index": "i64", "beta": "fp32", "s_mul": "fp32",
+           "t_mul": "fp32", "h_mul": "fp32", "soft_scale": "fp32", "hard_weight": "fp32",
+           "DIV": "constexpr", "HAS_LABELS": "constexpr", "HARD": "constexpr",
+           "SAME_LSE": "constexpr", "WRITE_GRAD": "constexpr", "BLOCK": "constexpr"}
     for name, code in DIVERGENCE_CODES.items():
-        for t_is_1 in (True, False):
-            c = {"DIV": code, "HAS_LABELS": True, "HARD": True, "T_IS_1": t_is_1,
+        for same in (True, False):
+            c = {"DIV": code, "HAS_LABELS": True, "HARD": True, "SAME_LSE": same,
                  "WRITE_GRAD": True, "BLOCK": block}
-            yield (f"distill[{name},{dtype},T1={t_is_1}]", distill.distill_kernel, sig, c,
+            yield (f"distill[{name},{dtype},T1={same}]", distill.distill_kernel, sig, c,
                    distill.launch_options(block))
 
 
@@ -110,7 +110,7 @@ def linear_cases(dtype):
              ("bt_ptr", p), ("tlog_ptr", p), ("labels_ptr", "*i64")]
     def flags(kernel):
         BM, BN, BK, warps = linear._tiles(torch_dtype, kernel)
-        return {"HAS_LABELS": True, "HARD": True, "T_IS_1": False, "HAS_SB": False,
+        return {"HAS_LABELS": True, "HARD": True, "SAME_LSE": False, "HAS_SB": False,
                 "HAS_TB": False, "DENSE_T": False, "S_CAP": True, "T_CAP": False,
                 "PRECISION": linear._precision(torch_dtype), "BLOCK_M": BM, "BLOCK_N": BN,
                 "BLOCK_K": BK}, linear._launch_options(warps)
@@ -119,24 +119,29 @@ def linear_cases(dtype):
             ("tlog_stride", "i64")]
     sig = dict(tiles + [("stats_ptr", "*fp32"), ("part_ptr", "*fp32")] + dims +
                [("cols_per_split", "i32"), ("n_splits", "i32"), ("inv_t", "fp32"),
-                ("s_cap", "fp32"), ("t_cap", "fp32"), ("beta", "fp32")] +
+                ("s_scale", "fp32"), ("t_scale", "fp32"), ("s_cap", "fp32"), ("t_cap", "fp32"),
+                ("beta", "fp32")] +
                [(k, "constexpr") for k in ["DIV", "PASS"] + list(flags("stats")[0])])
     fl, warps = flags("stats")
-    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5)):
-        for pas in ((1, 2) if code >= 2 else (1,)):
+    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5),
+                       ("symmetric_kl", 6)):
+        for pas in ((1, 2) if 2 <= code <= 5 else (1,)):
             yield (f"linear_stats[{name},pass{pas},{dtype}]", linear.linear_stats_kernel, sig,
                    dict(fl, DIV=code, PASS=pas), warps)
     sig = dict(tiles + [("stats_ptr", "*fp32"), ("rowf_ptr", "*fp32"), ("g_ptr", p),
                         ("g_stride", "i64"), ("c0", "i32"), ("c_width", "i32")] + dims +
-               [("inv_t", "fp32"), ("s_cap", "fp32"), ("t_cap", "fp32"), ("beta", "fp32"),
-                ("soft_scale", "fp32"), ("hard_weight", "fp32")] +
+               [("inv_t", "fp32"), ("s_scale", "fp32"), ("t_scale", "fp32"), ("s_cap", "fp32"),
+                ("t_cap", "fp32"), ("beta", "fp32"), ("soft_scale", "fp32"),
+                ("hard_weight", "fp32")] +
                [(k, "constexpr") for k in ["DIV"] + list(flags("grad")[0])])
     fl, warps = flags("grad")
-    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5)):
+    for name, code in (("forward_kl", 0), ("reverse_kl", 1), ("jsd", 2), ("tvd", 5),
+                       ("symmetric_kl", 6)):
         yield (f"linear_grad[{name},{dtype}]", linear.linear_grad_kernel, sig,
                dict(fl, DIV=code), warps)
     sig = {"part_ptr": "*fp32", "stats_ptr": "*fp32", "div_ptr": "*fp32", "N": "i32",
-           "n_splits": "i32", "DIV": "constexpr", "PASS": "constexpr", "BLOCK_M": "constexpr"}
+           "n_splits": "i32", "beta": "fp32", "DIV": "constexpr", "PASS": "constexpr",
+           "BLOCK_M": "constexpr"}
     yield f"linear_finish[{dtype}]", linear.linear_finish_kernel, sig, \
         {"DIV": 0, "PASS": 1, "BLOCK_M": 64}, 4
 

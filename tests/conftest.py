@@ -1,8 +1,16 @@
-"""Test configuration. Without a CUDA device, TRITON_INTERPRET must be set before any Triton
-kernel module is imported, so that the triton backend runs on CPU tensors through the
-interpreter. With one, the Triton kernels compile for it (the gpu-marked tests use them)."""
+"""Test configuration.
+
+Without a CUDA device, TRITON_INTERPRET must be set before any Triton kernel module is imported,
+so that the triton backend runs on CPU tensors through the interpreter. With one, the Triton
+kernels compile for it (the gpu-marked tests use them).
+
+``backend="cuda_emu"`` (tests only): the CUDA kernels' own source run on CPU tensors through the
+host emulation of tests/cuda_emu/, selectable like any backend in the tests that take a
+``backend`` parameter.
+"""
 
 import os
+import sys
 
 import torch
 
@@ -11,6 +19,7 @@ if not torch.cuda.is_available():
 # compiled graphs must come from this checkout, not from an on-disk cache of an older one
 os.environ.setdefault("TORCHINDUCTOR_FX_GRAPH_CACHE", "0")
 os.environ.setdefault("TORCHINDUCTOR_AUTOGRAD_CACHE", "0")
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cuda_emu"))
 
 import pytest  # noqa: E402
 
@@ -27,3 +36,18 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(1234)
+
+
+@pytest.fixture(autouse=True)
+def _emulated_cuda_backend(request, monkeypatch):
+    spec = getattr(request.node, "callspec", None)
+    if spec is None or spec.params.get("backend") != "cuda_emu":
+        return
+    import emu_backend
+    from fastdistill import backends, config
+    get, resolve = backends.get, backends.resolve
+    monkeypatch.setattr(config, "BACKENDS", config.BACKENDS + ("cuda_emu",))
+    monkeypatch.setattr(backends, "get",
+                        lambda name: emu_backend if name == "cuda_emu" else get(name))
+    monkeypatch.setattr(backends, "resolve",
+                        lambda b, d: "cuda_emu" if b == "cuda_emu" else resolve(b, d))

@@ -23,7 +23,7 @@ if not _ext._C.has_cuda:
 
 # Instantiations per architecture: distill 3 student dtypes x 6 divergences, feature 3 dtypes x
 # (row in registers, streamed), scale 3 dtypes.
-EXPECTED_COUNTS = {"distill_kernel": 18, "feature_kernel": 6, "scale_rows_kernel": 3}
+EXPECTED_COUNTS = {"distill_kernel": 21, "feature_kernel": 6, "scale_rows_kernel": 3}
 ROW_KERNELS = ("distill_kernel", "feature_kernel", "scale_rows_kernel")
 
 

@@ -182,7 +182,9 @@ def test_many_pairs_one_launch_equals_single_calls(backend, weights, reduction, 
     assert len(calls) == 5
     assert_close(fused, single, rtol=1e-6, atol=1e-7, what="fused vs single calls")
     for a, b in zip(s_a[1:], s_b[1:]):
-        assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-9, what="fused grad")
+        # the pair weight enters before (fused) or after (single) the cosine gradient's
+        # cancellation of its two terms (each ~1e-2): a few float32 roundings of those
+        assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-8, what="fused grad")
 
     calls.clear()
     unfused = fd.FeatureDistillLoss(lm, D, D, "cosine", weights, project=False,

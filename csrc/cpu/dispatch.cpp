@@ -37,21 +37,8 @@ const char* isa_name() {
 
 namespace best {
 
-int32_t distill_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const int64_t* labels, void* grad,
-                     int64_t g_stride, int64_t grad_width, float* loss_rows, int64_t n_rows,
-                     const DistillParams& params, float grad_scale, int32_t num_threads) {
-  return FD_PICK(distill_rows, student, s_dtype, s_stride, teacher, t_dtype, t_stride, labels, grad,
-                 g_stride, grad_width, loss_rows, n_rows, params, grad_scale, num_threads);
-}
-
-int32_t feature_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const bool* mask, void* grad,
-                     int64_t g_stride, float* loss_rows, int64_t n_rows, int64_t dim, int32_t kind,
-                     float grad_scale, int32_t num_threads) {
-  return FD_PICK(feature_rows, student, s_dtype, s_stride, teacher, t_dtype, t_stride, mask, grad,
-                 g_stride, loss_rows, n_rows, dim, kind, grad_scale, num_threads);
-}
+int32_t distill_rows(const DistillArgs& a) { return FD_PICK(distill_rows, a); }
+int32_t feature_rows(const FeatureArgs& a) { return FD_PICK(feature_rows, a); }
 
 }  // namespace best
 }  // namespace cpu

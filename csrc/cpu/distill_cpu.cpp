@@ -5,8 +5,9 @@
 // divergence.h runs in `#pragma omp simd` loops (polynomial exp/log, so they vectorise).
 //
 // Passes over a row (reads of both inputs, writes of the gradient):
-//   forward_kl, reverse_kl:  pass 1 (online LSEs + divergence), pass 3 (gradient): 2 reads, 1 write
-//   jsd, skew_*, tvd:        pass 1, pass 2 (loss and aux), pass 3:                3 reads, 1 write
+//   forward_kl, reverse_kl, symmetric_kl:  pass 1 (online LSEs + divergence), pass 3 (gradient):
+//                                          2 reads, 1 write
+//   jsd, skew_*, tvd:                      pass 1, pass 2 (loss and aux), pass 3: 3 reads, 1 write
 // Ignored rows write zeros and read nothing. Without a gradient, pass 3 is skipped.
 // Extra memory: two chunk buffers per thread. Row sums are taken per chunk in float and across
 // chunks in double, in a fixed order: results are bitwise reproducible for a given ISA variant.
@@ -83,12 +84,12 @@ float chunk_max(const float* __restrict x, int n, float scale) {
 }
 
 // Both chunk maxima in one sweep.
-void chunk_max2(const float* __restrict x, const float* __restrict y, int n, float scale,
+void chunk_max2(const float* __restrict x, const float* __restrict y, int n, float sx, float sy,
                 float& mx, float& my) {
   float a = -fd_inf(), b = -fd_inf();
 #pragma omp simd reduction(max : a, b)
   for (int i = 0; i < n; ++i) {
-    const float u = x[i] * scale, v = y[i] * scale;
+    const float u = x[i] * sx, v = y[i] * sy;
     a = u > a ? u : a;
     b = v > b ? v : b;
   }
@@ -96,21 +97,31 @@ void chunk_max2(const float* __restrict x, const float* __restrict y, int n, flo
   my = b;
 }
 
-// Plain online log-sum-exp (the hard loss at T = 1 when T != 1).
+// Plain online log-sum-exp of x * scale (the hard loss when h_mul != s_mul).
 struct OnlineLSE {
   float m = -fd_inf();
   double d = 0.0;
-  void add(const float* __restrict z, int n) {
-    const float cm = chunk_max(z, n, 1.0f);
-    if (cm == -fd_inf()) return;
+  void add(const float* __restrict z, int n, float scale) {
+    const float cm = chunk_max(z, n, scale);
     float s = 0.0f;
 #pragma omp simd reduction(+ : s)
-    for (int i = 0; i < n; ++i) s += fd_exp(z[i] - cm);
+    for (int i = 0; i < n; ++i) {
+      const float x = z[i] * scale;
+      s += x == -fd_inf() ? 0.0f : fd_exp(x - cm);
+    }
     const float m_new = cm > m ? cm : m;
     d = d * (double)rescale_factor(m, m_new) + (double)s * (double)rescale_factor(cm, m_new);
     m = m_new;
   }
 };
+
+void fill_row(void* row, int32_t dtype, int64_t width, float value, float* __restrict buf) {
+  for (int64_t j0 = 0; j0 < width; j0 += kChunk) {
+    const int n = (int)(width - j0 < kChunk ? width - j0 : kChunk);
+    for (int i = 0; i < n; ++i) buf[i] = value;
+    store_chunk(row, dtype, j0, n, buf);
+  }
+}
 
 template <int32_t DIV>
 void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_dtype, int64_t label,
@@ -118,17 +129,16 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
                 const DistillParams& P, float grad_scale, float* __restrict bs,
                 float* __restrict bt, float* __restrict g) {
   const int64_t V = P.vocab;
-  const float it = P.inv_temperature;
+  const float sm = P.s_mul, tm = P.t_mul, hm = P.h_mul;
   const bool hard = P.hard_weight != 0.0f && has_label;
-  const bool t_is_1 = it == 1.0f;
-  const bool hard_sep = hard && !t_is_1;  // CE needs its own LSE at T = 1
+  const bool hard_sep = hard && hm != sm;  // CE needs its own LSE
   if (hard && (label < 0 || label >= V)) {  // the Python side rejects these for CPU tensors
     *loss_out = fd_nan();
     if (grow) zero_row(grow, s_dtype, 0, grad_width);
     return;
   }
 
-  // ---- pass 1: online statistics of a = zs/T and b = zt/T (and of zs for the hard loss) ----
+  // ---- pass 1: online statistics of a = s_mul zs and b = t_mul zt (and of h_mul zs for CE) ----
   Online<double> row = online_empty<double>();
   OnlineLSE o1;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
@@ -137,20 +147,22 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
     // the chunk's own statistics, relative to its maxima, then merged into the row's
     float cms, cmt;
-    chunk_max2(zs, zt, n, it, cms, cmt);
-    float ds = 0.0f, dt = 0.0f, w = 0.0f;
-#pragma omp simd reduction(+ : ds, dt, w)
+    chunk_max2(zs, zt, n, sm, tm, cms, cmt);
+    float ds = 0.0f, dt = 0.0f, wf = 0.0f, wr = 0.0f;
+#pragma omp simd reduction(+ : ds, dt, wf, wr)
     for (int i = 0; i < n; ++i) {
-      const float a = zs[i] * it, b = zt[i] * it;
+      const float a = zs[i] * sm, b = zt[i] * tm;
       const float es = a == -fd_inf() ? 0.0f : fd_exp(a - cms);
       const float et = b == -fd_inf() ? 0.0f : fd_exp(b - cmt);
       ds += es;
       dt += et;
-      if (DIV == kForwardKL || DIV == kReverseKL) w += w_term<DIV>(a, b, cms, cmt, es, et);
+      if (uses_wf(DIV)) wf += wf_term(a, b, cms, cmt, et);
+      if (uses_wr(DIV)) wr += wr_term(a, b, cms, cmt, es);
     }
-    online_merge<DIV>(row, Online<double>{cms, cmt, ds, dt, w});
-    if (hard_sep) o1.add(zs, n);
+    online_merge<DIV>(row, Online<double>{cms, cmt, ds, dt, wf, wr});
+    if (hard_sep) o1.add(zs, n, hm);
   }
+  const bool ok = row_ok((float)row.d_s, (float)row.d_t);
   RowStats st;
   st.m_s = row.m_s;
   st.ld_s = (float)std::log(row.d_s);
@@ -158,23 +170,22 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
   st.ld_t = (float)std::log(row.d_t);
   st.m_1 = hard_sep ? o1.m : st.m_s;
   st.ld_1 = hard_sep ? (float)std::log(o1.d) : st.ld_s;
-  st.aux = 0.0f;
-  double div = 0.0;
-  if (DIV == kForwardKL || DIV == kReverseKL) div = online_kl<DIV>(row);
-  if (DIV == kReverseKL) st.aux = (float)div;
+  double rkl = 0.0;
+  double div = pass1_divergence<DIV>(row, P.beta, rkl);
+  st.aux = (float)rkl;
+  const MixWeights mw = mix_weights<DIV>(P.beta);
 
   // ---- pass 2: loss and aux for the mixture / tvd divergences ----
-  if (needs_pass2(DIV)) {
+  if (needs_pass2(DIV) && ok) {
     double loss = 0.0, aux = 0.0;
     for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
       const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
       const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
       const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
       float l = 0.0f, x = 0.0f;
-      const float beta = P.beta;
 #pragma omp simd reduction(+ : l, x)
       for (int i = 0; i < n; ++i)
-        l += pass2_term<DIV>(log_q(zs[i] * it, st), log_p(zt[i] * it, st), beta, x);
+        l += pass2_term<DIV>(log_q(zs[i] * sm, st), log_p(zt[i] * tm, st), mw, x);
       loss += l;
       aux += x;
     }
@@ -184,32 +195,38 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
 
   double hard_loss = 0.0;
   if (hard) {
-    // CE = LSE(z) - z[label] = (m - z[label]) + log d: no cancellation of large logits
-    hard_loss = (double)(st.m_1 - load_as_float(srow, label, s_dtype)) + (double)st.ld_1;
+    // CE = LSE(h z) - h z[label] = (m - h z[label]) + log d: no cancellation of large logits
+    hard_loss = (double)(st.m_1 - load_as_float(srow, label, s_dtype) * hm) + (double)st.ld_1;
   }
-  *loss_out = (float)((double)P.soft_scale * div + (double)P.hard_weight * hard_loss);
+  *loss_out = ok ? (float)((double)P.soft_scale * div + (double)P.hard_weight * hard_loss)
+                 : fd_nan();
 
   // ---- pass 3: gradient ----
   if (!grow) return;
-  const float cs = grad_scale * P.soft_scale * it;  // d/dz = d/da / T
-  const float ch = hard ? grad_scale * P.hard_weight : 0.0f;
+  if (!ok || grad_undefined<DIV>(st.aux)) {
+    fill_row(grow, s_dtype, V, fd_nan(), g);
+    zero_row(grow, s_dtype, V, grad_width);
+    return;
+  }
+  const float cs = grad_scale * P.soft_scale * sm;  // d/dz = s_mul d/da
+  const float ch = hard ? grad_scale * P.hard_weight * hm : 0.0f;
   for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
-    const float beta = P.beta, aux = st.aux, m1 = st.m_1, ld1 = st.ld_1;
+    const float aux = st.aux, m1 = st.m_1, ld1 = st.ld_1;
     if (ch != 0.0f) {
 #pragma omp simd
       for (int i = 0; i < n; ++i) {
-        const float lq = log_q(zs[i] * it, st);
-        const float q1 = t_is_1 ? fd_exp(lq) : fd_exp((zs[i] - m1) - ld1);
-        g[i] = cs * soft_grad<DIV>(lq, log_p(zt[i] * it, st), beta, aux) + ch * q1;
+        const float lq = log_q(zs[i] * sm, st);
+        const float q1 = hard_sep ? fd_exp((zs[i] * hm - m1) - ld1) : fd_exp(lq);
+        g[i] = cs * soft_grad<DIV>(lq, log_p(zt[i] * tm, st), mw, aux) + ch * q1;
       }
       if (label >= j0 && label < j0 + n) g[label - j0] -= ch;
     } else {
 #pragma omp simd
       for (int i = 0; i < n; ++i)
-        g[i] = cs * soft_grad<DIV>(log_q(zs[i] * it, st), log_p(zt[i] * it, st), beta, aux);
+        g[i] = cs * soft_grad<DIV>(log_q(zs[i] * sm, st), log_p(zt[i] * tm, st), mw, aux);
     }
     store_chunk(grow, s_dtype, j0, n, g);
   }
@@ -218,14 +235,17 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
 
 }  // namespace
 
-int32_t distill_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const int64_t* labels, void* grad,
-                     int64_t g_stride, int64_t grad_width, float* loss_rows, int64_t n_rows,
-                     const DistillParams& params, float grad_scale, int32_t num_threads) {
-  if (s_dtype < 0 || s_dtype > 2 || t_dtype < 0 || t_dtype > 2) return kUnsupportedDType;
-  if (params.vocab <= 0 || n_rows < 0 || (grad && grad_width < params.vocab)) return kBadArgument;
-  const size_t s_elt = s_dtype == kFloat32 ? 4 : 2, t_elt = t_dtype == kFloat32 ? 4 : 2;
-  const int nt = num_threads > 0 ? num_threads : 1;
+int32_t distill_rows(const DistillArgs& A) {
+  const DistillParams& P = A.params;
+  if (A.s_dtype < 0 || A.s_dtype > 2 || A.t_dtype < 0 || A.t_dtype > 2) return kUnsupportedDType;
+  if (A.n_rows == 0) return kOk;  // nothing to read or write (empty tensors have no data)
+  if (P.vocab <= 0 || A.n_rows < 0 || !A.student || !A.teacher || !A.loss_rows ||
+      (A.grad && (A.grad_width < P.vocab || !A.grad_scale)) || P.divergence < 0 ||
+      P.divergence > kSymmetricKL)
+    return kBadArgument;
+  const size_t s_elt = A.s_dtype == kFloat32 ? 4 : 2, t_elt = A.t_dtype == kFloat32 ? 4 : 2;
+  const int nt = A.num_threads > 0 ? A.num_threads : 1;
+  const float grad_scale = A.grad ? *A.grad_scale : 0.0f;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -233,20 +253,20 @@ int32_t distill_rows(const void* student, int32_t s_dtype, int64_t s_stride, con
     alignas(64) float zt[kChunk];
     alignas(64) float g[kChunk];
 #pragma omp for schedule(static)
-    for (int64_t r = 0; r < n_rows; ++r) {
-      const void* srow = static_cast<const char*>(student) + (size_t)r * s_stride * s_elt;
-      const void* trow = static_cast<const char*>(teacher) + (size_t)r * t_stride * t_elt;
-      void* grow = grad ? static_cast<char*>(grad) + (size_t)r * g_stride * s_elt : nullptr;
-      const int64_t label = labels ? labels[r] : 0;
-      if (labels && label == params.ignore_index) {
-        loss_rows[r] = 0.0f;
-        if (grow) zero_row(grow, s_dtype, 0, grad_width);
+    for (int64_t r = 0; r < A.n_rows; ++r) {
+      const void* srow = static_cast<const char*>(A.student) + (size_t)r * A.s_stride * s_elt;
+      const void* trow = static_cast<const char*>(A.teacher) + (size_t)r * A.t_stride * t_elt;
+      void* grow = A.grad ? static_cast<char*>(A.grad) + (size_t)r * A.g_stride * s_elt : nullptr;
+      const int64_t label = A.labels ? A.labels[r] : 0;
+      if (A.labels && label == P.ignore_index) {
+        A.loss_rows[r] = 0.0f;
+        if (grow) zero_row(grow, A.s_dtype, 0, A.grad_width);
         continue;
       }
-      dispatch_divergence(params.divergence, [&](auto tag) {
-        row_kernel<decltype(tag)::value>(srow, s_dtype, trow, t_dtype, label, labels != nullptr,
-                                         grow, grad_width, &loss_rows[r], params, grad_scale, zs,
-                                         zt, g);
+      dispatch_divergence(P.divergence, [&](auto tag) {
+        row_kernel<decltype(tag)::value>(srow, A.s_dtype, trow, A.t_dtype, label,
+                                         A.labels != nullptr, grow, A.grad_width,
+                                         &A.loss_rows[r], P, grad_scale, zs, zt, g);
       });
     }
   }

@@ -92,14 +92,17 @@ FeatureSums row_sums(int32_t kind, const float* __restrict s, const float* __res
 
 }  // namespace
 
-int32_t feature_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const bool* mask, void* grad,
-                     int64_t g_stride, float* loss_rows, int64_t n_rows, int64_t dim, int32_t kind,
-                     float grad_scale, int32_t num_threads) {
-  if (s_dtype < 0 || s_dtype > 2 || t_dtype < 0 || t_dtype > 2) return kUnsupportedDType;
-  if (dim <= 0 || n_rows < 0 || kind < 0 || kind > 2) return kBadArgument;
+int32_t feature_rows(const FeatureArgs& A) {
+  if (A.s_dtype < 0 || A.s_dtype > 2 || A.t_dtype < 0 || A.t_dtype > 2) return kUnsupportedDType;
+  if (A.n_rows == 0) return kOk;  // nothing to read or write (empty tensors have no data)
+  if (A.dim <= 0 || A.n_rows < 0 || A.kind < 0 || A.kind > 2 || !A.student || !A.teacher ||
+      !A.loss_rows || (A.grad && !A.grad_scale))
+    return kBadArgument;
+  const int32_t s_dtype = A.s_dtype, t_dtype = A.t_dtype, kind = A.kind;
+  const int64_t dim = A.dim, n_rows = A.n_rows;
   const size_t s_elt = s_dtype == kFloat32 ? 4 : 2, t_elt = t_dtype == kFloat32 ? 4 : 2;
-  const int nt = num_threads > 0 ? num_threads : 1;
+  const int nt = A.num_threads > 0 ? A.num_threads : 1;
+  const double grad_scale = A.grad ? *A.grad_scale : 0.0;
 
 #pragma omp parallel num_threads(nt)
   {
@@ -109,16 +112,16 @@ int32_t feature_rows(const void* student, int32_t s_dtype, int64_t s_stride, con
     float* g = t + dim;
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < n_rows; ++r) {
-      void* grow = grad ? static_cast<char*>(grad) + (size_t)r * g_stride * s_elt : nullptr;
-      if (mask && !mask[r]) {
-        loss_rows[r] = 0.0f;
+      void* grow = A.grad ? static_cast<char*>(A.grad) + (size_t)r * A.g_stride * s_elt : nullptr;
+      if (A.mask && !A.mask[r]) {
+        A.loss_rows[r] = 0.0f;
         if (grow) std::memset(grow, 0, s_elt * dim);
         continue;
       }
-      load_row(static_cast<const char*>(student) + (size_t)r * s_stride * s_elt, s_dtype, dim, s);
-      load_row(static_cast<const char*>(teacher) + (size_t)r * t_stride * t_elt, t_dtype, dim, t);
+      load_row(static_cast<const char*>(A.student) + (size_t)r * A.s_stride * s_elt, s_dtype, dim, s);
+      load_row(static_cast<const char*>(A.teacher) + (size_t)r * A.t_stride * t_elt, t_dtype, dim, t);
       const FeatureCoef c = feature_coef(kind, row_sums(kind, s, t, dim), dim);
-      loss_rows[r] = (float)c.loss;
+      A.loss_rows[r] = (float)c.loss;
       if (!grow) continue;
       const float cs = (float)(grad_scale * c.cs), ct = (float)(grad_scale * c.ct);
       const float ms = (float)c.ms, mt = (float)c.mt;

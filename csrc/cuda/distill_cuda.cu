@@ -11,7 +11,8 @@
 // math is float32; reductions are fixed shuffle trees (deterministic, no atomics).
 //
 // Passes over a row and HBM traffic per row (E = bytes per element, V columns, W = grad width):
-//   forward_kl, reverse_kl   pass 1: online LSEs + divergence       V (E_s + E_t)
+//   forward_kl, reverse_kl,  pass 1: online LSEs + divergence       V (E_s + E_t)
+//   symmetric_kl
 //                            pass 3: gradient                        V (E_s + E_t) + W E_s
 //                            = 2 reads of s and t + 1 write of g
 //   jsd, skew_*, tvd         pass 1: LSEs; pass 2: loss, aux = sum q h; pass 3: gradient
@@ -24,8 +25,8 @@
 // Pass 1 keeps, per thread, the Online state of divergence.h relative to its running maxima; a
 // new maximum of a group of 4 columns shifts the state once (rare after the first units), then
 // the terms are added. States are merged across the warp with shuffles and across warps through
-// shared memory (online_merge). The hard-label CE at T != 1 sums e^{z_s - m1} alongside, with
-// m1 = m_s T derived from the student maximum.
+// shared memory (online_merge). The hard-label CE with its own multiplier (h_mul != s_mul) sums
+// e^{h z_s - m1} alongside, with m1 = m_s h_mul / s_mul derived from the student maximum.
 //
 // Registers (ptxas, sm_90 / sm_80): 47-75 per thread, no spills (tests/test_cuda_build.py keeps
 // every kernel free of local memory and the distill kernels within 80, i.e. 3 blocks per SM).
@@ -46,21 +47,6 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 static_assert(kThreads % kWarp == 0, "block reductions assume whole warps");
 
-struct DistillArgs {
-  const void* student;
-  int64_t s_stride;
-  const void* teacher;
-  int64_t t_stride;
-  int32_t t_dtype;
-  const int64_t* labels;  // nullptr: no labels
-  void* grad;             // nullptr: loss only
-  int64_t g_stride;
-  int64_t grad_width;
-  float* loss_rows;
-  int64_t n_rows;
-  const float* grad_scale;  // device scalar, read only when grad != nullptr
-  DistillParams p;
-};
 
 // Calls f(c, zs, zt) for this thread's units with first column c < end, in order. zs, zt hold
 // columns c .. c + N - 1 of student and teacher as float (-inf at columns >= limit, which are
@@ -93,25 +79,31 @@ __device__ __forceinline__ void for_each_unit(const void* srow, const void* trow
 }
 
 // ---- pass 1 state ---------------------------------------------------------------------------------
-// The divergence statistics, and for the hard loss at T != 1 the shifted sum d1 of e^{z_s - m1}.
-// Its shift is derived from the student maximum, m1 = m_s T (within an ulp or two of max z_s,
-// which is all a log-sum-exp shift needs), so it needs no maximum of its own.
+// The divergence statistics, and for a hard loss with its own multiplier the shifted sum d1 of
+// e^{h z_s - m1}. Its shift is derived from the student maximum, m1 = m_s k1 with k1 = h_mul /
+// s_mul (within an ulp or two of max h z_s, which is all a log-sum-exp shift needs), so it needs
+// no maximum of its own.
 
 struct Pass1 {
   Online<float> o;
   float d1;
 };
-constexpr int kPass1Floats = 6;
+
+// Floats a state travels as through shuffles and shared memory: only what DIV uses.
+template <int32_t DIV>
+constexpr int pass1_floats() {
+  return 5 + int(uses_wf(DIV)) + int(uses_wr(DIV));
+}
 
 // Moves a state to the larger maxima (ms, mt) without adding anything: the x-half of
 // online_merge. d1 follows the student maximum.
 template <int32_t DIV>
-__device__ __forceinline__ void shift_to(Pass1& x, float ms, float mt, bool hard_sep, float T) {
+__device__ __forceinline__ void shift_to(Pass1& x, float ms, float mt, bool hard_sep, float k1) {
   Online<float>& o = x.o;
   const float fs = rescale_factor(o.m_s, ms), ft = rescale_factor(o.m_t, mt);
-  if (hard_sep) x.d1 *= rescale_factor(__fmul_rn(o.m_s, T), __fmul_rn(ms, T));
-  if (DIV == kForwardKL) o.w = ft * shifted_w<DIV>(o, ms, mt);
-  if (DIV == kReverseKL) o.w = fs * shifted_w<DIV>(o, ms, mt);
+  if (hard_sep) x.d1 *= rescale_factor(__fmul_rn(o.m_s, k1), __fmul_rn(ms, k1));
+  if (uses_wf(DIV)) o.wf = shift_numerator(o.wf, o.d_t, ft, o.m_t, mt, o.m_s, ms);
+  if (uses_wr(DIV)) o.wr = shift_numerator(o.wr, o.d_s, fs, o.m_s, ms, o.m_t, mt);
   o.d_s *= fs;
   o.d_t *= ft;
   o.m_s = ms;
@@ -120,76 +112,97 @@ __device__ __forceinline__ void shift_to(Pass1& x, float ms, float mt, bool hard
 
 // x <- union of the streams of x and y (online_merge, plus d1)
 template <int32_t DIV>
-__device__ __forceinline__ void merge(Pass1& x, const Pass1& y, bool hard_sep, float T) {
-  const float mx = __fmul_rn(x.o.m_s, T), my = __fmul_rn(y.o.m_s, T);
+__device__ __forceinline__ void merge(Pass1& x, const Pass1& y, bool hard_sep, float k1) {
+  const float mx = __fmul_rn(x.o.m_s, k1), my = __fmul_rn(y.o.m_s, k1);
   online_merge<DIV>(x.o, y.o);
   if (hard_sep) {
-    const float m = __fmul_rn(x.o.m_s, T);
+    const float m = __fmul_rn(x.o.m_s, k1);
     x.d1 = x.d1 * rescale_factor(mx, m) + y.d1 * rescale_factor(my, m);
   }
 }
 
-__device__ __forceinline__ void to_array(const Pass1& x, float (&v)[kPass1Floats]) {
-  v[0] = x.o.m_s; v[1] = x.o.m_t; v[2] = x.o.d_s; v[3] = x.o.d_t; v[4] = x.o.w; v[5] = x.d1;
-}
-
-__device__ __forceinline__ Pass1 from_array(const float (&v)[kPass1Floats]) {
-  return Pass1{Online<float>{v[0], v[1], v[2], v[3], v[4]}, v[5]};
+template <int32_t DIV>
+__device__ __forceinline__ void to_array(const Pass1& x, float (&v)[pass1_floats<DIV>()]) {
+  int i = 0;
+  v[i++] = x.o.m_s; v[i++] = x.o.m_t; v[i++] = x.o.d_s; v[i++] = x.o.d_t; v[i++] = x.d1;
+  if (uses_wf(DIV)) v[i++] = x.o.wf;
+  if (uses_wr(DIV)) v[i++] = x.o.wr;
 }
 
 template <int32_t DIV>
-__device__ __forceinline__ void warp_merge(Pass1& x, bool hard_sep, float T) {
+__device__ __forceinline__ Pass1 from_array(const float (&v)[pass1_floats<DIV>()]) {
+  Pass1 x{Online<float>{v[0], v[1], v[2], v[3], 0.0f, 0.0f}, v[4]};
+  int i = 5;
+  if (uses_wf(DIV)) x.o.wf = v[i++];
+  if (uses_wr(DIV)) x.o.wr = v[i++];
+  return x;
+}
+
+template <int32_t DIV>
+__device__ __forceinline__ void warp_merge(Pass1& x, bool hard_sep, float k1) {
+  constexpr int K = pass1_floats<DIV>();
 #pragma unroll
   for (int off = kWarp / 2; off > 0; off >>= 1) {
-    float v[kPass1Floats];
-    to_array(x, v);
+    float v[K];
+    to_array<DIV>(x, v);
 #pragma unroll
-    for (int i = 0; i < kPass1Floats; ++i) v[i] = __shfl_down_sync(0xffffffffu, v[i], off);
-    merge<DIV>(x, from_array(v), hard_sep, T);
+    for (int i = 0; i < K; ++i) v[i] = __shfl_down_sync(0xffffffffu, v[i], off);
+    merge<DIV>(x, from_array<DIV>(v), hard_sep, k1);
   }
 }
 
-// The row's pass-1 state, returned to every thread. sm: (kWarp + 1) * kPass1Floats floats.
+// The row's pass-1 state, returned to every thread. sm: (kWarp + 1) * pass1_floats floats.
 template <int32_t DIV>
-__device__ __forceinline__ Pass1 block_merge(Pass1 x, bool hard_sep, float T, float* sm) {
+__device__ __forceinline__ Pass1 block_merge(Pass1 x, bool hard_sep, float k1, float* sm) {
+  constexpr int K = pass1_floats<DIV>();
   const int lane = threadIdx.x % kWarp, warp = threadIdx.x / kWarp;
-  float v[kPass1Floats];
-  warp_merge<DIV>(x, hard_sep, T);
+  float v[K];
+  warp_merge<DIV>(x, hard_sep, k1);
   if (lane == 0) {
-    to_array(x, v);
+    to_array<DIV>(x, v);
 #pragma unroll
-    for (int i = 0; i < kPass1Floats; ++i) sm[warp * kPass1Floats + i] = v[i];
+    for (int i = 0; i < K; ++i) sm[warp * K + i] = v[i];
   }
   __syncthreads();
   if (warp == 0) {
     Pass1 y{online_empty<float>(), 0.0f};
     if (lane < kWarps) {
 #pragma unroll
-      for (int i = 0; i < kPass1Floats; ++i) v[i] = sm[lane * kPass1Floats + i];
-      y = from_array(v);
+      for (int i = 0; i < K; ++i) v[i] = sm[lane * K + i];
+      y = from_array<DIV>(v);
     }
-    warp_merge<DIV>(y, hard_sep, T);
+    warp_merge<DIV>(y, hard_sep, k1);
     if (lane == 0) {
-      to_array(y, v);
+      to_array<DIV>(y, v);
 #pragma unroll
-      for (int i = 0; i < kPass1Floats; ++i) sm[kWarp * kPass1Floats + i] = v[i];
+      for (int i = 0; i < K; ++i) sm[kWarp * K + i] = v[i];
     }
   }
   __syncthreads();
 #pragma unroll
-  for (int i = 0; i < kPass1Floats; ++i) v[i] = sm[kWarp * kPass1Floats + i];
-  return from_array(v);
+  for (int i = 0; i < K; ++i) v[i] = sm[kWarp * K + i];
+  return from_array<DIV>(v);
 }
 
 // ---- the kernel: one block per row ------------------------------------------------------------------
 
+// At least 3 blocks per SM: ptxas may then use up to 85 registers (left alone it picked 64 for
+// some variants and spilled a value to the stack).
+// The kernel's argument: the call's DistillArgs and the per-call constants derived from them on
+// the host, so that they sit in the parameter bank instead of registers.
+struct KernelArgs {
+  DistillArgs a;
+  MixWeights mw;
+};
+
 template <int32_t SD, int32_t DIV>
-__global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) {
-  __shared__ float sm1[(kWarp + 1) * kPass1Floats];
+__global__ void __launch_bounds__(kThreads, 3) distill_kernel(const KernelArgs K) {
+  const DistillArgs& A = K.a;
+  __shared__ float sm1[(kWarp + 1) * 7];
   __shared__ float sm2[(kWarp + 1) * 2];
   constexpr int N = unit_cols<SD>();
   const int64_t row = blockIdx.x;
-  const DistillParams& P = A.p;
+  const DistillParams& P = A.params;
   const int V = int(P.vocab), W = int(A.grad_width);
   const int64_t s_elt = elem_size(SD);
   const void* srow = static_cast<const char*>(A.student) + row * A.s_stride * s_elt;
@@ -208,12 +221,13 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) 
     if (grow) zero_row<SD>(grow, W, vec_out);
     return;
   }
-  const float it = P.inv_temperature, T = 1.0f / it;
-  const bool hard_sep = hard && it != 1.0f;  // CE needs its own LSE at T = 1
+  const float sm = P.s_mul, tm = P.t_mul, hm = P.h_mul;
+  const bool hard_sep = hard && hm != sm;  // CE needs its own LSE
+  const float k1 = P.h_ratio;
   const bool vec = aligned16(srow) && aligned16(trow);
   const float ninf = -fd_inf();
 
-  // ---- pass 1: online statistics of a = z_s / T and b = z_t / T (and of z_s for the CE) ----
+  // ---- pass 1: online statistics of a = s_mul z_s and b = t_mul z_t (and of h_mul z_s) ----
   // __fmul_rn: the product is rounded once, identically in the max and in every later use
   Pass1 x{online_empty<float>(), 0.0f};
   for_each_unit<SD>(srow, trow, A.t_dtype, V, V, vec,
@@ -225,52 +239,56 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) 
       float ums = ninf, umt = ninf;
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
-        a[k] = __fmul_rn(zs[g0 + k], it);
-        b[k] = __fmul_rn(zt[g0 + k], it);
+        a[k] = __fmul_rn(zs[g0 + k], sm);
+        b[k] = __fmul_rn(zt[g0 + k], tm);
         ums = fmaxf(ums, a[k]);
         umt = fmaxf(umt, b[k]);
       }
       const float ms = fmaxf(x.o.m_s, ums), mt = fmaxf(x.o.m_t, umt);
-      if (!(ms == x.o.m_s && mt == x.o.m_t)) shift_to<DIV>(x, ms, mt, hard_sep, T);
+      if (!(ms == x.o.m_s && mt == x.o.m_t)) shift_to<DIV>(x, ms, mt, hard_sep, k1);
 #pragma unroll
       for (int k = 0; k < 4; ++k) {
         const float es = a[k] == ninf ? 0.0f : fd_exp(a[k] - ms);
         const float et = b[k] == ninf ? 0.0f : fd_exp(b[k] - mt);
         x.o.d_s += es;
         x.o.d_t += et;
-        if (DIV == kForwardKL || DIV == kReverseKL) x.o.w += w_term<DIV>(a[k], b[k], ms, mt, es, et);
+        if (uses_wf(DIV)) x.o.wf += wf_term(a[k], b[k], ms, mt, et);
+        if (uses_wr(DIV)) x.o.wr += wr_term(a[k], b[k], ms, mt, es);
       }
       if (hard_sep) {
-        const float m1 = __fmul_rn(ms, T);
+        const float m1 = __fmul_rn(ms, k1);
 #pragma unroll
-        for (int k = 0; k < 4; ++k) x.d1 += zs[g0 + k] == ninf ? 0.0f : fd_exp(zs[g0 + k] - m1);
+        for (int k = 0; k < 4; ++k) {
+          const float h = __fmul_rn(zs[g0 + k], hm);
+          x.d1 += h == ninf ? 0.0f : fd_exp(h - m1);
+        }
       }
     }
   });
-  const Pass1 R = block_merge<DIV>(x, hard_sep, T, sm1);
+  const Pass1 R = block_merge<DIV>(x, hard_sep, k1, sm1);
 
+  const bool ok = row_ok(R.o.d_s, R.o.d_t);
   RowStats st;
   st.m_s = R.o.m_s;
   st.ld_s = logf(R.o.d_s);
   st.m_t = R.o.m_t;
   st.ld_t = logf(R.o.d_t);
-  st.m_1 = hard_sep ? __fmul_rn(R.o.m_s, T) : st.m_s;
+  st.m_1 = hard_sep ? __fmul_rn(R.o.m_s, k1) : st.m_s;
   st.ld_1 = hard_sep ? logf(R.d1) : st.ld_s;
-  st.aux = 0.0f;
-  float div = 0.0f;
-  if (DIV == kForwardKL || DIV == kReverseKL) div = online_kl<DIV>(R.o);
-  if (DIV == kReverseKL) st.aux = div;
+  float rkl = 0.0f;
+  float div = pass1_divergence<DIV>(R.o, P.beta, rkl);
+  st.aux = rkl;
+  const MixWeights& mw = K.mw;
 
-  // ---- pass 2: loss and aux for the mixture / tvd divergences ----
-  const float beta = P.beta;
-  if (needs_pass2(DIV)) {
+  // ---- pass 2: loss and aux for the mixture / tvd divergences (block-uniform branch) ----
+  if (needs_pass2(DIV) && ok) {
     float acc[2] = {0.0f, 0.0f};  // loss, aux
     for_each_unit<SD>(srow, trow, A.t_dtype, V, V, vec,
                       [&](int, const float(&zs)[N], const float(&zt)[N]) {
 #pragma unroll
       for (int k = 0; k < N; ++k)  // columns >= V are -inf on both sides: terms are 0
-        acc[0] += pass2_term<DIV>(log_q(__fmul_rn(zs[k], it), st),
-                                  log_p(__fmul_rn(zt[k], it), st), beta, acc[1]);
+        acc[0] += pass2_term<DIV>(log_q(__fmul_rn(zs[k], sm), st),
+                                  log_p(__fmul_rn(zt[k], tm), st), mw, acc[1]);
     });
     block_sum<2>(acc, sm2);
     div = acc[0];
@@ -281,17 +299,20 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) 
   // reads z_s[label] before it may overwrite that column with the gradient (aliasing).
   const int lab = hard ? int(label) : -1;  // in [0, V) when used
   if (threadIdx.x == (hard ? (lab / N) % kThreads : 0)) {
-    // CE = LSE(z) - z[label] = (m - z[label]) + log d: no cancellation of large logits
+    // CE = LSE(h z) - h z[label] = (m - h z[label]) + log d: no cancellation of large logits
     const double hard_loss =
-        hard ? double(st.m_1 - load_one<SD>(srow, lab)) + double(st.ld_1) : 0.0;
-    A.loss_rows[row] = float(double(P.soft_scale) * double(div) + double(P.hard_weight) * hard_loss);
+        hard ? double(st.m_1 - __fmul_rn(load_one<SD>(srow, lab), hm)) + double(st.ld_1) : 0.0;
+    A.loss_rows[row] =
+        ok ? float(double(P.soft_scale) * double(div) + double(P.hard_weight) * hard_loss)
+           : fd_nan();
   }
 
-  // ---- pass 3: gradient, columns >= V zero ----
+  // ---- pass 3: gradient, columns >= V zero; NaN where the row's gradient is undefined ----
   if (!grow) return;
+  const bool nan_row = !ok || grad_undefined<DIV>(st.aux);
   const float gs = *A.grad_scale;
-  const float cs = gs * P.soft_scale * it;  // d/dz = d/da / T
-  const float ch = hard ? gs * P.hard_weight : 0.0f;
+  const float cs = gs * P.soft_scale * sm;  // d/dz = s_mul d/da
+  const float ch = hard ? gs * P.hard_weight * hm : 0.0f;
   const float aux = st.aux;
   for_each_unit<SD>(srow, trow, A.t_dtype, W, V, vec,
                     [&](int c, const float(&zs)[N], const float(&zt)[N]) {
@@ -299,13 +320,14 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) 
     const int lk = lab - c;  // the label's position in this unit, if there
 #pragma unroll
     for (int k = 0; k < N; ++k) {
-      const float lq = log_q(__fmul_rn(zs[k], it), st);
-      float v = cs * soft_grad<DIV>(lq, log_p(__fmul_rn(zt[k], it), st), beta, aux);
+      const float lq = log_q(__fmul_rn(zs[k], sm), st);
+      float v = cs * soft_grad<DIV>(lq, log_p(__fmul_rn(zt[k], tm), st), mw, aux);
       if (ch != 0.0f) {
-        // softmax of z_s at T = 1 (at T = 1 this is exp(lq) bitwise: m_1, ld_1 = m_s, ld_s)
-        v += ch * fd_exp((zs[k] - st.m_1) - st.ld_1);
+        // softmax of h z_s (when h_mul == s_mul this is exp(lq) bitwise: m_1, ld_1 = m_s, ld_s)
+        v += ch * fd_exp((__fmul_rn(zs[k], hm) - st.m_1) - st.ld_1);
         if (k == lk) v -= ch;
       }
+      v = nan_row ? fd_nan() : v;
       g[k] = k < V - c ? v : 0.0f;
     }
     store_unit<SD>(grow, c, W - c, vec_out, g);
@@ -315,27 +337,26 @@ __global__ void __launch_bounds__(kThreads) distill_kernel(const DistillArgs A) 
 template <int32_t SD>
 void launch(const DistillArgs& A, cudaStream_t stream) {
   const dim3 grid(static_cast<unsigned int>(A.n_rows));
-  dispatch_divergence(A.p.divergence, [&](auto tag) {
-    distill_kernel<SD, decltype(tag)::value><<<grid, kThreads, 0, stream>>>(A);
+  dispatch_divergence(A.params.divergence, [&](auto tag) {
+    constexpr int32_t DIV = decltype(tag)::value;
+    const KernelArgs K{A, mix_weights<DIV>(A.params.beta)};
+    distill_kernel<SD, DIV><<<grid, kThreads, 0, stream>>>(K);
   });
 }
 
 }  // namespace
 
-int32_t distill_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const int64_t* labels, void* grad,
-                     int64_t g_stride, int64_t grad_width, float* loss_rows, int64_t n_rows,
-                     const DistillParams& params, const float* grad_scale, void* stream) {
-  if (s_dtype < 0 || s_dtype > 2 || t_dtype < 0 || t_dtype > 2) return kUnsupportedDType;
-  if (params.vocab <= 0 || n_rows < 0 || n_rows > kMaxRows || !student || !teacher ||
-      !loss_rows || (grad && (grad_width < params.vocab || grad_width > kMaxCols || !grad_scale)) ||
-      params.vocab > kMaxCols || params.divergence < 0 || params.divergence > kTVD)
+int32_t distill_rows(const DistillArgs& A) {
+  const DistillParams& P = A.params;
+  if (A.s_dtype < 0 || A.s_dtype > 2 || A.t_dtype < 0 || A.t_dtype > 2) return kUnsupportedDType;
+  if (A.n_rows == 0) return kOk;  // nothing to read or write (empty tensors have no data)
+  if (P.vocab <= 0 || A.n_rows < 0 || A.n_rows > kMaxRows || !A.student || !A.teacher ||
+      !A.loss_rows ||
+      (A.grad && (A.grad_width < P.vocab || A.grad_width > kMaxCols || !A.grad_scale)) ||
+      P.vocab > kMaxCols || P.divergence < 0 || P.divergence > kSymmetricKL)
     return kBadArgument;
-  if (n_rows == 0) return kOk;
-  const DistillArgs A{student, s_stride, teacher, t_stride, t_dtype, labels, grad,
-                      g_stride, grad_width, loss_rows, n_rows, grad_scale, params};
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (s_dtype) {
+  cudaStream_t s = static_cast<cudaStream_t>(A.stream);
+  switch (A.s_dtype) {
     case kFloat32: launch<kFloat32>(A, s); break;
     case kFloat16: launch<kFloat16>(A, s); break;
     default: launch<kBFloat16>(A, s); break;

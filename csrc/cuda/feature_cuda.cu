@@ -30,20 +30,6 @@ namespace {
 constexpr int kMaxThreads = 512;
 constexpr int kCacheCols = 16;  // columns per thread kept in registers
 
-struct FeatureArgs {
-  const void* student;
-  int64_t s_stride;
-  const void* teacher;
-  int64_t t_stride;
-  int32_t t_dtype;
-  const bool* mask;  // nullptr: every row counts
-  void* grad;        // nullptr: loss only
-  int64_t g_stride;
-  float* loss_rows;
-  int64_t dim;
-  int32_t kind;
-  const float* grad_scale;  // device scalar, read only when grad != nullptr
-};
 
 template <int32_t SD, bool CACHED>
 __global__ void __launch_bounds__(kMaxThreads, 1) feature_kernel(const FeatureArgs A) {
@@ -168,8 +154,8 @@ __global__ void __launch_bounds__(kMaxThreads, 1) feature_kernel(const FeatureAr
 }
 
 template <int32_t SD>
-void launch(const FeatureArgs& A, int64_t n_rows, cudaStream_t stream) {
-  const dim3 grid(static_cast<unsigned int>(n_rows));
+void launch(const FeatureArgs& A, cudaStream_t stream) {
+  const dim3 grid(static_cast<unsigned int>(A.n_rows));
   if (A.dim <= int64_t(kMaxThreads) * kCacheCols) {
     // whole warps, each thread holding at most kCacheCols columns
     const int64_t per_warp = int64_t(kWarp) * kCacheCols;
@@ -182,22 +168,17 @@ void launch(const FeatureArgs& A, int64_t n_rows, cudaStream_t stream) {
 
 }  // namespace
 
-int32_t feature_rows(const void* student, int32_t s_dtype, int64_t s_stride, const void* teacher,
-                     int32_t t_dtype, int64_t t_stride, const bool* mask, void* grad,
-                     int64_t g_stride, float* loss_rows, int64_t n_rows, int64_t dim,
-                     int32_t kind, const float* grad_scale, void* stream) {
-  if (s_dtype < 0 || s_dtype > 2 || t_dtype < 0 || t_dtype > 2) return kUnsupportedDType;
-  if (dim <= 0 || dim > kMaxCols || n_rows < 0 || n_rows > kMaxRows || kind < 0 || kind > 2 ||
-      !student || !teacher || !loss_rows || (grad && !grad_scale))
+int32_t feature_rows(const FeatureArgs& A) {
+  if (A.s_dtype < 0 || A.s_dtype > 2 || A.t_dtype < 0 || A.t_dtype > 2) return kUnsupportedDType;
+  if (A.n_rows == 0) return kOk;  // nothing to read or write (empty tensors have no data)
+  if (A.dim <= 0 || A.dim > kMaxCols || A.n_rows < 0 || A.n_rows > kMaxRows || A.kind < 0 ||
+      A.kind > 2 || !A.student || !A.teacher || !A.loss_rows || (A.grad && !A.grad_scale))
     return kBadArgument;
-  if (n_rows == 0) return kOk;
-  const FeatureArgs A{student, s_stride, teacher, t_stride, t_dtype, mask, grad,
-                      g_stride, loss_rows, dim, kind, grad_scale};
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (s_dtype) {
-    case kFloat32: launch<kFloat32>(A, n_rows, s); break;
-    case kFloat16: launch<kFloat16>(A, n_rows, s); break;
-    default: launch<kBFloat16>(A, n_rows, s); break;
+  cudaStream_t s = static_cast<cudaStream_t>(A.stream);
+  switch (A.s_dtype) {
+    case kFloat32: launch<kFloat32>(A, s); break;
+    case kFloat16: launch<kFloat16>(A, s); break;
+    default: launch<kBFloat16>(A, s); break;
   }
   return launch_status();
 }

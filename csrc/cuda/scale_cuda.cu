@@ -44,19 +44,19 @@ void launch(void* grad, int64_t stride, int64_t n_rows, int64_t width, const flo
 
 }  // namespace
 
-int32_t scale_rows(void* grad, int32_t dtype, int64_t stride, int64_t n_rows, int64_t width,
-                   const float* factor, bool per_row, void* stream) {
-  if (dtype < 0 || dtype > 2) return kUnsupportedDType;
+int32_t scale_rows(const ScaleArgs& a) {
+  if (a.dtype < 0 || a.dtype > 2) return kUnsupportedDType;
   // grid.y counts column blocks: at most 65535 of them (width up to 2^27 columns)
-  if (n_rows < 0 || n_rows > kMaxRows || width < 0 || width > (int64_t(65535) * kThreads * 4) ||
-      !factor || (n_rows > 0 && width > 0 && !grad))
+  if (a.n_rows < 0 || a.n_rows > kMaxRows || a.width < 0 ||
+      a.width > (int64_t(65535) * kThreads * 4) || !a.factor ||
+      (a.n_rows > 0 && a.width > 0 && !a.grad))
     return kBadArgument;
-  if (n_rows == 0 || width == 0) return kOk;
-  cudaStream_t s = static_cast<cudaStream_t>(stream);
-  switch (dtype) {
-    case kFloat32: launch<kFloat32>(grad, stride, n_rows, width, factor, per_row, s); break;
-    case kFloat16: launch<kFloat16>(grad, stride, n_rows, width, factor, per_row, s); break;
-    default: launch<kBFloat16>(grad, stride, n_rows, width, factor, per_row, s); break;
+  if (a.n_rows == 0 || a.width == 0) return kOk;
+  cudaStream_t s = static_cast<cudaStream_t>(a.stream);
+  switch (a.dtype) {
+    case kFloat32: launch<kFloat32>(a.grad, a.stride, a.n_rows, a.width, a.factor, a.per_row, s); break;
+    case kFloat16: launch<kFloat16>(a.grad, a.stride, a.n_rows, a.width, a.factor, a.per_row, s); break;
+    default: launch<kBFloat16>(a.grad, a.stride, a.n_rows, a.width, a.factor, a.per_row, s); break;
   }
   return launch_status();
 }

@@ -18,7 +18,7 @@ import torch
 
 from fastdistill.backends import _ext
 
-BACKENDS = ("auto", "triton", "cuda", "cpu", "torch")
+from fastdistill.config import BACKENDS  # noqa: E402,F401 (the names, defined once)
 
 
 class BackendUnavailableError(ValueError, RuntimeError):

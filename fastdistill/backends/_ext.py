@@ -1,6 +1,15 @@
-"""Loads the compiled extension ``fastdistill._C`` if it was built, and its dtype codes."""
+"""The boundary between tensors and the compiled kernels of ``fastdistill._C``.
+
+Every check a raw pointer needs (dtype, device, shape, unit stride along rows, non-overlapping
+output rows, sizes the kernels index with) happens here, once, before a pointer crosses; the
+result is one of the typed argument structs of ``csrc/include/fastdistill/args.h``
+(``_C.DistillArgs``, ``_C.FeatureArgs``, ``_C.ScaleArgs``). The cpu and cuda backends build their
+structs only through these functions. Failures are ValueError / TypeError naming the argument.
+"""
 
 from __future__ import annotations
+
+from typing import Optional
 
 import torch
 
@@ -20,12 +29,16 @@ STATUS_MESSAGES = {
     3: "CUDA error",
 }
 
+# One block per row (grid.x) on CUDA, int column indices within a row (csrc/cuda/common.cuh).
+MAX_ROWS = 2 ** 31 - 1
+MAX_COLS = 2 ** 31 - 1 - 2 ** 20
+# csrc/cuda/scale_cuda.cu: grid.y counts blocks of 256 x 4 columns
+MAX_SCALE_COLS = 65535 * 256 * 4
 
-def dtype_code(t: torch.Tensor) -> int:
-    try:
-        return DTYPE_CODES[t.dtype]
-    except KeyError:
-        raise TypeError(f"expected float32, float16 or bfloat16, got {t.dtype}") from None
+
+def unavailable_reason() -> str:
+    return ("the compiled extension fastdistill._C is not available "
+            f"({LOAD_ERROR}); reinstall with a C++ compiler (g++) to build it")
 
 
 def check_status(status: int, what: str, detail: str = "") -> None:
@@ -34,6 +47,152 @@ def check_status(status: int, what: str, detail: str = "") -> None:
         raise RuntimeError(f"fastdistill._C.{what} failed: {msg}{': ' + detail if detail else ''}")
 
 
-def unavailable_reason() -> str:
-    return ("the compiled extension fastdistill._C is not available "
-            f"({LOAD_ERROR}); reinstall with a C++ compiler (g++) to build it")
+def _ptr(x: Optional[torch.Tensor]) -> int:
+    return x.data_ptr() if x is not None else 0
+
+
+def _tensor(name: str, x, device: torch.device) -> torch.Tensor:
+    if not isinstance(x, torch.Tensor):
+        raise TypeError(f"{name} must be a torch.Tensor, got {type(x).__name__}")
+    if x.device != device:
+        raise ValueError(f"{name} is on {x.device}, expected {device} (every tensor of one "
+                         "kernel call must be on the same device)")
+    return x
+
+
+def _rows(name: str, x, device: torch.device, dtype: Optional[torch.dtype] = None) -> int:
+    """x: a 2-D float tensor (or `dtype`) on `device` with unit stride along its rows; returns
+    its dtype code."""
+    _tensor(name, x, device)
+    if dtype is not None and x.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
+    if x.dtype not in DTYPE_CODES:
+        raise TypeError(f"{name} must be float32, float16 or bfloat16, got {x.dtype}")
+    if x.dim() != 2:
+        raise ValueError(f"{name} must be 2-D [rows, columns], got shape {tuple(x.shape)}")
+    if x.shape[1] > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides "
+                         f"{tuple(x.stride())}")
+    if x.shape[0] > MAX_ROWS or x.shape[1] > MAX_COLS:
+        raise ValueError(f"{name} has shape {tuple(x.shape)}; the kernels take at most "
+                         f"{MAX_ROWS} rows of at most {MAX_COLS} columns")
+    return DTYPE_CODES[x.dtype]
+
+
+def _out_rows(name: str, x, like: torch.Tensor) -> None:
+    """An output buffer: the shape and dtype of `like`, rows that do not overlap."""
+    _rows(name, x, like.device, like.dtype)
+    if x.shape != like.shape:
+        raise ValueError(f"{name} must have shape {tuple(like.shape)}, got {tuple(x.shape)}")
+    if x.shape[0] > 1 and x.shape[1] > 0 and x.stride(0) < x.shape[1]:
+        raise ValueError(f"{name} has overlapping rows (strides {tuple(x.stride())})")
+
+
+def _vector(name: str, x, device: torch.device, n: int, dtype: torch.dtype) -> None:
+    """A contiguous [n] tensor of `dtype` on `device`."""
+    _tensor(name, x, device)
+    if x.dtype != dtype:
+        raise TypeError(f"{name} must be {dtype}, got {x.dtype}")
+    if x.shape != (n,) or (n > 1 and x.stride(0) != 1):
+        raise ValueError(f"{name} must be a contiguous tensor of shape ({n},), got shape "
+                         f"{tuple(x.shape)} with strides {tuple(x.stride())}")
+
+
+def _scalar(name: str, x, device: torch.device) -> None:
+    _tensor(name, x, device)
+    if x.dtype != torch.float32 or x.numel() != 1:
+        raise TypeError(f"{name} must be a one-element float32 tensor, got {x.dtype} of shape "
+                        f"{tuple(x.shape)}")
+
+
+def distill_args(student, teacher, labels, grad, rows, grad_scale, opts, vocab: int, *,
+                 threads: int = 1, stream: int = 0):
+    """``_C.DistillArgs`` for a logit-level call on 2-D ``student [N, Vs]``, ``teacher
+    [N, Vt]``; ``labels [N]`` int64 or None; ``grad`` the student's shape and dtype (may be
+    the student itself) or None; ``rows [N]`` float32; ``grad_scale`` one float32 on the
+    device; ``opts`` a ``fastdistill.config.KernelOptions``."""
+    device = student.device if isinstance(student, torch.Tensor) else None
+    s_code = _rows("student_logits", student, device)
+    t_code = _rows("teacher_logits", teacher, device)
+    N, Vs = student.shape
+    if teacher.shape[0] != N:
+        raise ValueError(f"teacher_logits has {teacher.shape[0]} rows, student_logits {N}")
+    if not 1 <= vocab <= min(Vs, teacher.shape[1]):
+        raise ValueError(f"vocab must be in [1, {min(Vs, teacher.shape[1])}], got {vocab}")
+    if labels is not None:
+        _vector("labels", labels, device, N, torch.int64)
+    _vector("loss rows", rows, device, N, torch.float32)
+    if grad is not None:
+        _out_rows("grad", grad, student)
+        _scalar("grad_scale", grad_scale, device)
+    a = _C.DistillArgs()
+    a.student, a.s_dtype, a.s_stride = student.data_ptr(), s_code, student.stride(0)
+    a.teacher, a.t_dtype, a.t_stride = teacher.data_ptr(), t_code, teacher.stride(0)
+    a.labels = _ptr(labels)
+    a.grad, a.g_stride, a.grad_width = _ptr(grad), grad.stride(0) if grad is not None else 0, Vs
+    a.loss_rows, a.n_rows = rows.data_ptr(), N
+    a.grad_scale = _ptr(grad_scale) if grad is not None else 0
+    p = a.params
+    p.divergence, p.beta = opts.divergence, opts.beta
+    p.s_mul, p.t_mul, p.h_mul = opts.s_mul, opts.t_mul, opts.h_mul
+    p.h_ratio = opts.h_mul / opts.s_mul
+    p.soft_scale, p.hard_weight = opts.soft_scale, opts.hard_weight
+    p.ignore_index, p.vocab = opts.ignore_index, vocab
+    a.num_threads, a.stream = threads, stream
+    return a
+
+
+FEATURE_KIND_CODES = {"mse": 0, "cosine": 1, "normalized_mse": 2}
+
+
+def feature_args(student, teacher, mask, grad, rows, grad_scale, kind: int, *, threads: int = 1,
+                 stream: int = 0):
+    """``_C.FeatureArgs`` for 2-D ``student [N, D]``, ``teacher [N, D]``, ``mask [N]`` bool or
+    None, ``grad`` the student's shape and dtype or None, ``rows [N]`` float32."""
+    device = student.device if isinstance(student, torch.Tensor) else None
+    s_code = _rows("student", student, device)
+    t_code = _rows("teacher", teacher, device)
+    if teacher.shape != student.shape:
+        raise ValueError(f"teacher must have the student's shape {tuple(student.shape)}, got "
+                         f"{tuple(teacher.shape)}")
+    N, D = student.shape
+    if D < 1:
+        raise ValueError("student and teacher must have at least one feature, got 0")
+    if kind not in FEATURE_KIND_CODES.values():
+        raise ValueError(f"kind must be one of {FEATURE_KIND_CODES}, got {kind}")
+    if mask is not None:
+        _vector("mask", mask, device, N, torch.bool)
+    _vector("loss rows", rows, device, N, torch.float32)
+    if grad is not None:
+        _out_rows("grad", grad, student)
+        _scalar("grad_scale", grad_scale, device)
+    a = _C.FeatureArgs()
+    a.student, a.s_dtype, a.s_stride = student.data_ptr(), s_code, student.stride(0)
+    a.teacher, a.t_dtype, a.t_stride = teacher.data_ptr(), t_code, teacher.stride(0)
+    a.mask = _ptr(mask)
+    a.grad, a.g_stride = _ptr(grad), grad.stride(0) if grad is not None else 0
+    a.loss_rows, a.n_rows, a.dim, a.kind = rows.data_ptr(), N, D, kind
+    a.grad_scale = _ptr(grad_scale) if grad is not None else 0
+    a.num_threads, a.stream = threads, stream
+    return a
+
+
+def scale_args(grad, factor, *, stream: int = 0):
+    """``_C.ScaleArgs`` for ``grad [N, W]`` (unit stride along W, rows not overlapping) times
+    ``factor`` (one float32, or float32 [N] per row)."""
+    device = grad.device if isinstance(grad, torch.Tensor) else None
+    code = _rows("grad", grad, device)
+    _out_rows("grad", grad, grad)
+    N, W = grad.shape
+    if W > MAX_SCALE_COLS:
+        raise ValueError(f"grad has {W} columns; the scaling kernel takes at most "
+                         f"{MAX_SCALE_COLS}")
+    per_row = factor.dim() > 0
+    if per_row:
+        _vector("factor", factor, device, N, torch.float32)
+    else:
+        _scalar("factor", factor, device)
+    a = _C.ScaleArgs()
+    a.grad, a.dtype, a.stride = grad.data_ptr(), code, grad.stride(0)
+    a.n_rows, a.width, a.factor, a.per_row, a.stream = N, W, factor.data_ptr(), per_row, stream
+    return a

@@ -1,7 +1,7 @@
 """Host backend: the OpenMP kernels of csrc/cpu/ through fastdistill._C.
 
-Same contract as backends/torch_backend.py. Tensors must be on the CPU with unit stride along
-the last dimension (the API layer guarantees it); the gradient buffer is row-contiguous.
+Same contract as backends/torch_backend.py. The argument structs are built (and every tensor
+checked) by backends/_ext.py.
 """
 
 from __future__ import annotations
@@ -11,65 +11,49 @@ from typing import Optional, Tuple
 import torch
 
 from fastdistill.backends import _ext
-from fastdistill.divergences import DistillOptions
+from fastdistill.config import KernelOptions
+
+HUGE_BUFFER = 64 << 20
 
 
 def _threads() -> int:
     return max(1, torch.get_num_threads())
 
 
-HUGE_BUFFER = 64 << 20
-
-
 def new_buffer(like: torch.Tensor) -> torch.Tensor:
-    """An uninitialised tensor shaped like `like`; big ones are backed by transparent huge pages
-    (see advise_hugepages in csrc/bindings.cpp: 4 KiB first-touch faults otherwise cost about as
-    much as the kernel)."""
-    out = like.new_empty(like.shape)
+    """An uninitialised row-contiguous tensor shaped like `like`; big ones are backed by
+    transparent huge pages (see advise_hugepages in csrc/bindings.cpp: 4 KiB first-touch faults
+    otherwise cost about as much as the kernel)."""
+    out = torch.empty(like.shape, dtype=like.dtype, device=like.device)
     if out.numel() * out.element_size() >= HUGE_BUFFER:
         _ext._C.advise_hugepages(out.data_ptr(), out.numel() * out.element_size())
     return out
 
 
+def _scale(grad_scale: torch.Tensor) -> torch.Tensor:
+    return grad_scale.reshape(()).to(dtype=torch.float32).contiguous()
+
+
 def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                    opts: DistillOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
+                    opts: KernelOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
                     grad_out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    N, Vs = student.shape
-    assert student.stride(1) == 1 and teacher.stride(1) == 1
+    N = student.shape[0]
     rows = torch.empty(N, dtype=torch.float32)
-    grad = None
-    if need_grad:
-        grad = grad_out if grad_out is not None else new_buffer(student)
-        assert grad.stride(1) == 1 and grad.dtype == student.dtype
-    if labels is not None:
-        labels = labels.contiguous()
-    status = _ext._C.distill_cpu(
-        student.data_ptr(), _ext.dtype_code(student), student.stride(0),
-        teacher.data_ptr(), _ext.dtype_code(teacher), teacher.stride(0),
-        labels.data_ptr() if labels is not None else 0,
-        grad.data_ptr() if grad is not None else 0, grad.stride(0) if grad is not None else 0,
-        Vs, rows.data_ptr(), N,
-        opts.kernel_code, opts.beta, 1.0 / opts.temperature, opts.soft_scale, opts.hard_weight,
-        opts.ignore_index, vocab, float(grad_scale), _threads())
-    _ext.check_status(status, "distill_cpu")
+    grad = (grad_out if grad_out is not None else new_buffer(student)) if need_grad else None
+    scale = _scale(grad_scale)
+    args = _ext.distill_args(student, teacher, labels, grad, rows, scale, opts, vocab,
+                             threads=_threads())
+    _ext.check_status(_ext._C.distill_cpu(args), "distill_cpu")
     return rows, grad
 
 
 def feature_forward(student: torch.Tensor, teacher: torch.Tensor, mask: Optional[torch.Tensor],
                     kind: int, grad_scale: torch.Tensor, need_grad: bool
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
-    N, D = student.shape
-    assert student.stride(1) == 1 and teacher.stride(1) == 1
-    rows = torch.empty(N, dtype=torch.float32)
+    rows = torch.empty(student.shape[0], dtype=torch.float32)
     grad = new_buffer(student) if need_grad else None
-    if mask is not None:
-        mask = mask.contiguous()
-    status = _ext._C.feature_cpu(
-        student.data_ptr(), _ext.dtype_code(student), student.stride(0),
-        teacher.data_ptr(), _ext.dtype_code(teacher), teacher.stride(0),
-        mask.data_ptr() if mask is not None else 0,
-        grad.data_ptr() if grad is not None else 0, grad.stride(0) if grad is not None else 0,
-        rows.data_ptr(), N, D, kind, float(grad_scale), _threads())
-    _ext.check_status(status, "feature_cpu")
+    scale = _scale(grad_scale)
+    args = _ext.feature_args(student, teacher, mask, grad, rows, scale, kind, threads=_threads())
+    _ext.check_status(_ext._C.feature_cpu(args), "feature_cpu")
     return rows, grad

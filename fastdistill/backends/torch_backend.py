@@ -7,7 +7,7 @@ gradient is produced in the forward pass (no autograd graph over ``[N, V]``).
 Backend contract (every ``*_backend`` module)::
 
     distill_forward(student [N, Vs], teacher [N, Vt], labels [N] int64 | None,
-                    opts: DistillOptions, vocab: int, grad_scale: 0-d float32 tensor,
+                    opts: KernelOptions, vocab: int, grad_scale: 0-d float32 tensor,
                     need_grad: bool, grad_out: [N, Vs] | None)
         -> (loss_rows [N] float32, grad [N, Vs] in the student dtype | None)
 
@@ -24,10 +24,8 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastdistill.divergences import DIVERGENCE_CODES, DistillOptions
-
-FKL, RKL, JSD, SFKL, SRKL, TVD = (DIVERGENCE_CODES[k] for k in (
-    "forward_kl", "reverse_kl", "jsd", "skew_forward_kl", "skew_reverse_kl", "tvd"))
+from fastdistill.config import KernelOptions
+from fastdistill.divergences import FKL, JSD, RKL, SFKL, SKL, SRKL, TVD
 
 # float32 elements per [rows, V] temporary; about ten of them live at once.
 CHUNK_ELEMENTS = 1 << 21
@@ -41,35 +39,56 @@ def _rowsum(x: torch.Tensor) -> torch.Tensor:
     return x.sum(-1, keepdim=True)
 
 
+def _plogr(w, lw, lm):
+    """sum w (lw - lm), 0 where w == 0"""
+    keep = w > 0
+    zero = torch.zeros((), dtype=w.dtype, device=w.device)
+    return torch.where(keep, w * (torch.where(keep, lw, zero) - torch.where(keep, lm, zero)),
+                       zero).sum(-1)
+
+
 def _soft_rows(a: torch.Tensor, b: torch.Tensor, code: int, beta: float):
-    """Divergence per row and dD/da for scaled logits a (student), b (teacher): [R, V] fp32."""
-    lq = torch.log_softmax(a, -1)
-    lp = torch.log_softmax(b, -1)
+    """(divergence per row, dD/da, rows that are usable, rows whose gradient is defined) for
+    scaled logits a (student), b (teacher): [R, V] float32. A row is usable when both
+    log-sum-exps are finite (no NaN, no +inf, not all -inf); an infinite reverse KL has no
+    gradient (the rules of csrc/include/fastdistill/divergence.h)."""
+    # log-probabilities as (x - max) - log(sum e^(x - max)), as the kernels form them: the
+    # shifted logit is exact where the probability matters, and no rounded LSE of size |x| is
+    # subtracted from it
+    u, v = a - a.amax(-1, keepdim=True), b - b.amax(-1, keepdim=True)
+    ld_s = torch.log(torch.exp(u).sum(-1, keepdim=True))
+    ld_t = torch.log(torch.exp(v).sum(-1, keepdim=True))
+    # usable rows: both log-sum-exps finite (not NaN / +inf / all -inf)
+    ok = (torch.isfinite(ld_s) & torch.isfinite(ld_t) & torch.isfinite(a.amax(-1, keepdim=True))
+          & torch.isfinite(b.amax(-1, keepdim=True))).squeeze(-1)
+    lq, lp = u - ld_s, v - ld_t
     q, p = lq.exp(), lp.exp()
     zero = torch.zeros((), dtype=a.dtype, device=a.device)
-
-    def plogr(w, lw, lm):  # sum w (lw - lm), 0 where w == 0
-        keep = w > 0
-        return torch.where(keep, w * (torch.where(keep, lw, zero) - torch.where(keep, lm, zero)),
-                           zero).sum(-1)
-
     if code == FKL:
-        return plogr(p, lp, lq), q - p
-    if code == RKL:
-        div = plogr(q, lq, lp)
-        h = torch.where(q > 0, lq - lp, zero)
-        return div, torch.where(q > 0, q * (h - div.unsqueeze(-1)), zero)
+        return _plogr(p, lp, lq), q - p, ok, ok
+    if code in (RKL, SKL):
+        # In the shifted form of the kernels (divergence.h): with u = a - max a, v = b - max b,
+        # lq - lp - KL(Q||P) = (u - v) - W, W = sum q (u - v); fewer roundings of large logits.
+        x = torch.where(q > 0, u - v, zero)
+        w = (q * x).sum(-1, keepdim=True)
+        rkl = _plogr(q, lq, lp)
+        g = torch.where(q > 0, q * (x - w), zero)
+        ok_grad = ok & torch.isfinite(rkl)
+        if code == RKL:
+            return rkl, g, ok, ok_grad
+        r = beta
+        return r * _plogr(p, lp, lq) + (1 - r) * rkl, r * (q - p) + (1 - r) * g, ok, ok_grad
     if code == JSD:
         lm = torch.logaddexp(lp + _log_weight(beta), lq + _log_weight(1 - beta))
-        div = beta * plogr(p, lp, lm) + (1 - beta) * plogr(q, lq, lm)
+        div = beta * _plogr(p, lp, lm) + (1 - beta) * _plogr(q, lq, lm)
         h = torch.where(q > 0, (1 - beta) * (lq - lm), zero)
     elif code == SFKL:
         lm = torch.logaddexp(lp + _log_weight(beta), lq + _log_weight(1 - beta))
-        div = plogr(p, lp, lm)
+        div = _plogr(p, lp, lm)
         h = torch.where(p > 0, -(1 - beta) * torch.exp(torch.where(p > 0, lp - lm, zero)), zero)
     elif code == SRKL:
         lm = torch.logaddexp(lp + _log_weight(1 - beta), lq + _log_weight(beta))
-        div = plogr(q, lq, lm)
+        div = _plogr(q, lq, lm)
         safe = torch.where(q > 0, lq - lm, zero)
         h = torch.where(q > 0, safe - beta * torch.exp(safe), zero)
     elif code == TVD:
@@ -78,17 +97,16 @@ def _soft_rows(a: torch.Tensor, b: torch.Tensor, code: int, beta: float):
     else:
         raise ValueError(f"unknown divergence code {code}")
     aux = _rowsum(q * h)
-    return div, torch.where(q > 0, q * (h - aux), zero)
+    return div, torch.where(q > 0, q * (h - aux), zero), ok, ok
 
 
 def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Optional[torch.Tensor],
-                    opts: DistillOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
+                    opts: KernelOptions, vocab: int, grad_scale: torch.Tensor, need_grad: bool,
                     grad_out: Optional[torch.Tensor] = None
                     ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
     N, Vs = student.shape
     V = vocab
-    code, beta = opts.kernel_code, opts.beta
-    inv_t = 1.0 / opts.temperature
+    code, beta = opts.divergence, opts.beta
     soft_scale, hw = opts.soft_scale, opts.hard_weight
     hard = hw != 0.0 and labels is not None
     rows = torch.empty(N, dtype=torch.float32, device=student.device)
@@ -97,38 +115,41 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
         grad = grad_out if grad_out is not None else student.new_empty(student.shape)
         if Vs > V:
             grad[:, V:].zero_()
+    nan = torch.full((), math.nan, dtype=torch.float32, device=student.device)
     step = max(1, CHUNK_ELEMENTS // max(V, 1))
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
         z = student[r0:r1, :V].float()
-        div, g = _soft_rows(z * inv_t, teacher[r0:r1, :V].float() * inv_t, code, beta)
+        div, g, ok, ok_grad = _soft_rows(z * opts.s_mul,
+                                         teacher[r0:r1, :V].float() * opts.t_mul, code, beta)
         loss = soft_scale * div
         if need_grad:
-            g = g * (soft_scale * inv_t)
+            g = g * (soft_scale * opts.s_mul)
         valid = None
         if labels is not None:
             lab = labels[r0:r1]
             valid = lab != opts.ignore_index
             if hard:
                 safe = torch.where(valid, lab, torch.zeros_like(lab)).clamp(0, V - 1)
-                l1 = torch.log_softmax(z, -1)
+                l1 = torch.log_softmax(z * opts.h_mul, -1)
                 ce = -l1.gather(-1, safe.unsqueeze(-1)).squeeze(-1)
                 # a label outside [0, V) gives a NaN loss and a zero gradient for its row, as
                 # the kernels do (the API rejects such labels first on CPU)
                 bad = valid & ((lab < 0) | (lab >= V))
-                ce = torch.where(bad, torch.full_like(ce, math.nan), ce)
+                ce = torch.where(bad, nan, ce)
                 loss = loss + hw * ce
                 if need_grad:
                     onehot = torch.zeros_like(l1).scatter_(-1, safe.unsqueeze(-1), 1.0)
-                    g = g + hw * (l1.exp() - onehot)
+                    g = g + (hw * opts.h_mul) * (l1.exp() - onehot)
+        loss = torch.where(ok, loss, nan)
+        if valid is not None:
             loss = torch.where(valid, loss, torch.zeros_like(loss))
-            if hard:
-                valid = valid & ~bad  # rows whose gradient is kept
         rows[r0:r1] = loss
         if need_grad:
-            g = g * grad_scale
+            g = torch.where((ok & ok_grad).unsqueeze(-1), g * grad_scale, nan)
             if valid is not None:
-                g = torch.where(valid.unsqueeze(-1), g, torch.zeros_like(g))
+                keep = valid & ~bad if hard else valid
+                g = torch.where(keep.unsqueeze(-1), g, torch.zeros_like(g))
             grad[r0:r1, :V] = g.to(grad.dtype)
     return rows, grad
 
@@ -139,7 +160,6 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
 
 COSINE_EPS = 1e-8
 LAYER_NORM_EPS = 1e-5
-FEATURE_KINDS = ("mse", "cosine", "normalized_mse")
 
 
 def feature_rows(s: torch.Tensor, t: torch.Tensor, kind: int):
@@ -178,6 +198,8 @@ def feature_forward(student: torch.Tensor, teacher: torch.Tensor, mask: Optional
     for r0 in range(0, N, step):
         r1 = min(N, r0 + step)
         loss, g = feature_rows(student[r0:r1].float(), teacher[r0:r1].float(), kind)
+        # a NaN in a row makes its whole gradient NaN, as in the kernels (RELIABILITY.md)
+        g = torch.where(torch.isnan(loss).unsqueeze(-1), torch.full_like(g, math.nan), g)
         if mask is not None:
             m = mask[r0:r1]
             loss = torch.where(m, loss, torch.zeros_like(loss))

@@ -53,7 +53,9 @@ def _coef(ss, tt, st, D, KIND: tl.constexpr):
         md = 2.0 / D * (shat2 - sthat)
         cs = (2.0 / D - md) / vs
         ct = -2.0 / D * a * b
-    return cs, ct, a, b
+    # a NaN (or an overflow) in the row sums makes every gradient element NaN (RELIABILITY.md)
+    poison = (ss + tt + st) * 0.0
+    return cs + poison, ct + poison, a, b
 
 
 @triton.jit
@@ -86,8 +88,9 @@ def feature_kernel(s_ptr, s_stride, t_ptr, t_stride, mask_ptr, g_ptr, g_stride, 
             tc = tl.where(inb, t - mt, 0.0)
             if KIND == MSE:
                 d = sc - tc
-                loss = tl.sum(d * d, axis=0) / D
-                cs, ct, a, b = _coef(0.0, 0.0, 0.0, D, KIND)
+                d2 = tl.sum(d * d, axis=0)
+                loss = d2 / D
+                cs, ct, a, b = _coef(d2, 0.0, 0.0, D, KIND)
             else:
                 cs, ct, a, b = _coef(tl.sum(sc * sc, axis=0), tl.sum(tc * tc, axis=0),
                                      tl.sum(sc * tc, axis=0), D, KIND)

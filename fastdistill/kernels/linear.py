@@ -26,11 +26,21 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels import interpreting
-from fastdistill.kernels.distill import (FKL, RKL, _empty_state, _lse_merge, _merge,
-                                        _pass2_terms, _rescale, _soft_grad, _tile_stats)
+from fastdistill.kernels.distill import (_empty_state, _grad_undefined, _lse_merge, _merge,
+                                        _pass1_divergence, _pass2_terms, _rescale, _soft_grad,
+                                        _tile_stats)
 
-N_STATS = 8  # partial state per (row, split): m_s, d_s, m_t, d_t, w, m_1, d_1, z_label
-NSTAT = tl.constexpr(N_STATS)
+# Partial pass-1 state per (row, vocabulary split), N_PART floats, in this slot order:
+P_MS, P_DS, P_MT, P_DT, P_WF, P_WR, P_M1, P_D1, P_ZL = (tl.constexpr(i) for i in range(9))
+N_PART = 9
+# Final per-row statistics [N, N_ROW], in this slot order (log-sum-exps as max, log of the
+# shifted sum; aux = sum q h, or KL(Q||P) for the reverse / symmetric KL; z_label the label's
+# logit):
+ROW_SLOTS = ("m_s", "ld_s", "m_t", "ld_t", "aux", "m_1", "ld_1", "z_label")
+S_MS, S_LDS, S_MT, S_LDT, S_AUX, S_M1, S_LD1, S_ZL = (tl.constexpr(i) for i in range(8))
+N_ROW = len(ROW_SLOTS)
+NPART = tl.constexpr(N_PART)
+NROW = tl.constexpr(N_ROW)
 
 
 @triton.jit
@@ -57,18 +67,21 @@ def _dot_tile(h_ptr, w_ptr, rows, cols, row_in, col_in, D, h_stride, w_stride,
 
 @triton.jit
 def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols, N, V,
-                 Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, s_cap, t_cap,
+                 Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, s_scale, t_scale,
+                 s_cap, t_cap,
                  HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
                  S_CAP: tl.constexpr, T_CAP: tl.constexpr, PRECISION: tl.constexpr,
                  BLOCK_K: tl.constexpr):
-    """Student and teacher logits of the [rows x cols] tile in float32 (after bias and
-    softcap; before the temperature), and tanh(z_s / cap) for the softcap chain rule."""
+    """Student and teacher logits of the [rows x cols] tile in float32 (after bias, logit scale
+    and softcap; before the temperature), and tanh(scale z_s / cap) for the softcap chain
+    rule."""
     row_in = rows < N
     col_in = cols < V
     S = _dot_tile(hs_ptr, ws_ptr, rows, cols, row_in, col_in, Ds, hs_stride, ws_stride,
                   PRECISION, BLOCK_K)
     if HAS_SB:
         S += tl.load(bs_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    S = S * s_scale
     th = S
     if S_CAP:
         th = _tanh(S / s_cap)
@@ -81,6 +94,7 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
                       PRECISION, BLOCK_K)
         if HAS_TB:
             T += tl.load(bt_ptr + cols, mask=col_in, other=0.0).to(tl.float32)[None, :]
+    T = T * t_scale
     if T_CAP:
         T = _tanh(T / t_cap) * t_cap
     NEG_INF: tl.constexpr = float("-inf")
@@ -93,32 +107,31 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
 def linear_stats_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, part_ptr,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, cols_per_split,
-    n_splits, inv_t, s_cap, t_cap, beta,
+    n_splits, inv_t, s_scale, t_scale, s_cap, t_cap, beta,
     DIV: tl.constexpr, PASS: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr,
-    T_IS_1: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
+    SAME_LSE: tl.constexpr, HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr,
     S_CAP: tl.constexpr, T_CAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """PASS 1: partial online statistics per (row, split) -> part [N, n_splits, 8].
-    PASS 2: partial (loss, aux) sums per (row, split) from the final stats -> part [.., 2]."""
+    """PASS 1: partial online statistics per (row, split) -> part [N, n_splits, N_PART].
+    PASS 2: partial (loss, aux) sums per (row, split) from the final stats -> part[..., :2]."""
     pid_m = tl.program_id(0)
     split = tl.program_id(1)
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
-    NEG_INF: tl.constexpr = float("-inf")
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
     label = tl.zeros([BLOCK_M], dtype=tl.int64)
     if HAS_LABELS:
         label = tl.load(labels_ptr + rows, mask=row_in, other=0)
     if PASS == 1:
-        m_s, m_t, d_s, d_t, w, m_1, d_1 = _empty_state(zero)
+        m_s, m_t, d_s, d_t, wf, wr, m_1, d_1 = _empty_state(zero)
         z_lab = zero
     else:
-        st = stats_ptr + rows.to(tl.int64) * 8
-        m_s = tl.load(st + 0, mask=row_in, other=0.0)
-        ld_s = tl.load(st + 1, mask=row_in, other=0.0)
-        m_t = tl.load(st + 2, mask=row_in, other=0.0)
-        ld_t = tl.load(st + 3, mask=row_in, other=0.0)
+        st = stats_ptr + rows.to(tl.int64) * NROW
+        m_s = tl.load(st + S_MS, mask=row_in, other=0.0)
+        ld_s = tl.load(st + S_LDS, mask=row_in, other=0.0)
+        m_t = tl.load(st + S_MT, mask=row_in, other=0.0)
+        ld_t = tl.load(st + S_LDT, mask=row_in, other=0.0)
         acc_l = zero
         acc_a = zero
     c_begin = split * cols_per_split
@@ -126,16 +139,17 @@ def linear_stats_kernel(
         cols = n0 + tl.arange(0, BLOCK_N)
         S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
                                 cols, N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
-                                tlog_stride, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T, S_CAP,
-                                T_CAP, PRECISION, BLOCK_K)
+                                tlog_stride, s_scale, t_scale, s_cap, t_cap, HAS_SB, HAS_TB,
+                                DENSE_T, S_CAP, T_CAP, PRECISION, BLOCK_K)
         a = S * inv_t
         b = T * inv_t
         if PASS == 1:
-            cm_s, cm_t, cd_s, cd_t, cw = _tile_stats(a, b, DIV, 1)
-            m_s, m_t, d_s, d_t, w = _merge(m_s, m_t, d_s, d_t, w, cm_s, cm_t, cd_s, cd_t, cw, DIV)
+            cm_s, cm_t, cd_s, cd_t, cwf, cwr = _tile_stats(a, b, DIV, 1)
+            m_s, m_t, d_s, d_t, wf, wr = _merge(m_s, m_t, d_s, d_t, wf, wr, cm_s, cm_t, cd_s,
+                                                cd_t, cwf, cwr, DIV)
             if HARD:
                 z_lab += tl.sum(tl.where(cols[None, :] == label[:, None], S, 0.0), axis=1)
-                if not T_IS_1:
+                if not SAME_LSE:
                     m_1, d_1 = _lse_merge(m_1, d_1, S, 1)
         else:
             lt, qh = _pass2_terms((a - m_s[:, None]) - ld_s[:, None],
@@ -143,75 +157,71 @@ def linear_stats_kernel(
             # columns >= V are -inf on both sides: their terms are exactly 0
             acc_l += tl.sum(lt, axis=1)
             acc_a += tl.sum(qh, axis=1)
-    p = part_ptr + (rows.to(tl.int64) * n_splits + split) * NSTAT
+    p = part_ptr + (rows.to(tl.int64) * n_splits + split) * NPART
     if PASS == 1:
-        tl.store(p + 0, m_s, mask=row_in)
-        tl.store(p + 1, d_s, mask=row_in)
-        tl.store(p + 2, m_t, mask=row_in)
-        tl.store(p + 3, d_t, mask=row_in)
-        tl.store(p + 4, w, mask=row_in)
-        tl.store(p + 5, m_1, mask=row_in)
-        tl.store(p + 6, d_1, mask=row_in)
-        tl.store(p + 7, z_lab, mask=row_in)
+        tl.store(p + P_MS, m_s, mask=row_in)
+        tl.store(p + P_DS, d_s, mask=row_in)
+        tl.store(p + P_MT, m_t, mask=row_in)
+        tl.store(p + P_DT, d_t, mask=row_in)
+        tl.store(p + P_WF, wf, mask=row_in)
+        tl.store(p + P_WR, wr, mask=row_in)
+        tl.store(p + P_M1, m_1, mask=row_in)
+        tl.store(p + P_D1, d_1, mask=row_in)
+        tl.store(p + P_ZL, z_lab, mask=row_in)
     else:
         tl.store(p + 0, acc_l, mask=row_in)
         tl.store(p + 1, acc_a, mask=row_in)
 
 
 @triton.jit
-def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, DIV: tl.constexpr,
+def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: tl.constexpr,
                          PASS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the splits of each row in a fixed order.
-    PASS 1: stats [N, 8] = (m_s, ld_s, m_t, ld_t, aux, m_1, ld_1, z_label) and div [N] (the
-            divergence for forward / reverse KL; reverse KL's aux is its divergence).
-    PASS 2: stats[:, 4] = aux and div = the divergence (sums over the splits)."""
+    PASS 1: stats [N, N_ROW] and div [N] (the divergence of the KL family, 0 otherwise).
+    PASS 2: stats[:, S_AUX] = aux and div = the divergence (sums over the splits)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
     NEG_INF: tl.constexpr = float("-inf")
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
-    base = part_ptr + rows.to(tl.int64) * n_splits * NSTAT
-    st = stats_ptr + rows.to(tl.int64) * 8
+    base = part_ptr + rows.to(tl.int64) * n_splits * NPART
+    st = stats_ptr + rows.to(tl.int64) * NROW
     if PASS == 1:
-        m_s, m_t, d_s, d_t, w, m_1, d_1 = _empty_state(zero)
+        m_s, m_t, d_s, d_t, wf, wr, m_1, d_1 = _empty_state(zero)
         z_lab = zero
         for sp in range(0, n_splits):
-            p = base + sp * NSTAT
-            m_s, m_t, d_s, d_t, w = _merge(
-                m_s, m_t, d_s, d_t, w,
-                tl.load(p + 0, mask=row_in, other=NEG_INF),
-                tl.load(p + 2, mask=row_in, other=NEG_INF),
-                tl.load(p + 1, mask=row_in, other=0.0), tl.load(p + 3, mask=row_in, other=0.0),
-                tl.load(p + 4, mask=row_in, other=0.0), DIV)
-            cm = tl.load(p + 5, mask=row_in, other=NEG_INF)
+            p = base + sp * NPART
+            m_s, m_t, d_s, d_t, wf, wr = _merge(
+                m_s, m_t, d_s, d_t, wf, wr,
+                tl.load(p + P_MS, mask=row_in, other=NEG_INF),
+                tl.load(p + P_MT, mask=row_in, other=NEG_INF),
+                tl.load(p + P_DS, mask=row_in, other=0.0),
+                tl.load(p + P_DT, mask=row_in, other=0.0),
+                tl.load(p + P_WF, mask=row_in, other=0.0),
+                tl.load(p + P_WR, mask=row_in, other=0.0), DIV)
+            cm = tl.load(p + P_M1, mask=row_in, other=NEG_INF)
             m_new = tl.maximum(m_1, cm)
             d_1 = _rescale(m_1, m_new) * d_1 + \
-                _rescale(cm, m_new) * tl.load(p + 6, mask=row_in, other=0.0)
+                _rescale(cm, m_new) * tl.load(p + P_D1, mask=row_in, other=0.0)
             m_1 = m_new
-            z_lab += tl.load(p + 7, mask=row_in, other=0.0)
-        ld_s = tl.log(d_s)
-        ld_t = tl.log(d_t)
-        div = zero
-        if DIV == FKL:
-            div = w / d_t - ld_t + ld_s
-        elif DIV == RKL:
-            div = w / d_s - ld_s + ld_t
-        tl.store(st + 0, m_s, mask=row_in)
-        tl.store(st + 1, ld_s, mask=row_in)
-        tl.store(st + 2, m_t, mask=row_in)
-        tl.store(st + 3, ld_t, mask=row_in)
-        tl.store(st + 4, div, mask=row_in)
-        tl.store(st + 5, m_1, mask=row_in)
-        tl.store(st + 6, tl.log(d_1), mask=row_in)
-        tl.store(st + 7, z_lab, mask=row_in)
+            z_lab += tl.load(p + P_ZL, mask=row_in, other=0.0)
+        div, rkl = _pass1_divergence(d_s, d_t, wf, wr, beta, DIV)
+        tl.store(st + S_MS, m_s, mask=row_in)
+        tl.store(st + S_LDS, tl.log(d_s), mask=row_in)
+        tl.store(st + S_MT, m_t, mask=row_in)
+        tl.store(st + S_LDT, tl.log(d_t), mask=row_in)
+        tl.store(st + S_AUX, rkl, mask=row_in)
+        tl.store(st + S_M1, m_1, mask=row_in)
+        tl.store(st + S_LD1, tl.log(d_1), mask=row_in)
+        tl.store(st + S_ZL, z_lab, mask=row_in)
         tl.store(div_ptr + rows, div, mask=row_in)
     else:
         loss = zero
         aux = zero
         for sp in range(0, n_splits):
-            p = base + sp * NSTAT
+            p = base + sp * NPART
             loss += tl.load(p + 0, mask=row_in, other=0.0)
             aux += tl.load(p + 1, mask=row_in, other=0.0)
-        tl.store(st + 4, aux, mask=row_in)
+        tl.store(st + S_AUX, aux, mask=row_in)
         tl.store(div_ptr + rows, loss, mask=row_in)
 
 
@@ -220,43 +230,52 @@ def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride,
-    inv_t, s_cap, t_cap, beta, soft_scale, hard_weight,
-    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, T_IS_1: tl.constexpr,
+    inv_t, s_scale, t_scale, s_cap, t_cap, beta, soft_scale, hard_weight,
+    DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SAME_LSE: tl.constexpr,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
     T_CAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
-    """G[r, j - c0] = d loss / d z_s[r, j] for columns j in [c0, c0 + c_width), times the per-row
-    factor rowf (grad_output x reduction scale, 0 for ignored rows)."""
+    """G[r, j - c0] = d loss / d (h_s w_s^T + b_s)[r, j] for columns j in [c0, c0 + c_width),
+    times the per-row factor rowf (grad_output x reduction scale, 0 for ignored rows: those rows
+    get exact zeros, whatever their statistics). NaN in rows without distributions or with an
+    infinite reverse KL (divergence.h)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
     S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols,
                             N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
-                            tlog_stride, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T, S_CAP, T_CAP,
-                            PRECISION, BLOCK_K)
-    st = stats_ptr + rows.to(tl.int64) * 8
-    m_s = tl.load(st + 0, mask=row_in, other=0.0)
-    ld_s = tl.load(st + 1, mask=row_in, other=0.0)
-    m_t = tl.load(st + 2, mask=row_in, other=0.0)
-    ld_t = tl.load(st + 3, mask=row_in, other=0.0)
-    aux = tl.load(st + 4, mask=row_in, other=0.0)
+                            tlog_stride, s_scale, t_scale, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T,
+                            S_CAP, T_CAP, PRECISION, BLOCK_K)
+    st = stats_ptr + rows.to(tl.int64) * NROW
+    m_s = tl.load(st + S_MS, mask=row_in, other=0.0)
+    ld_s = tl.load(st + S_LDS, mask=row_in, other=0.0)
+    m_t = tl.load(st + S_MT, mask=row_in, other=0.0)
+    ld_t = tl.load(st + S_LDT, mask=row_in, other=0.0)
+    aux = tl.load(st + S_AUX, mask=row_in, other=0.0)
     f = tl.load(rowf_ptr + rows, mask=row_in, other=0.0)
     lq = (S * inv_t - m_s[:, None]) - ld_s[:, None]
-    g = (f * soft_scale * inv_t)[:, None] * _soft_grad(lq, (T * inv_t - m_t[:, None]) - ld_t[:, None],
-                                                      beta, aux[:, None], DIV)
+    g = (f * soft_scale * inv_t)[:, None] * \
+        _soft_grad(lq, (T * inv_t - m_t[:, None]) - ld_t[:, None], beta, aux[:, None], DIV)
     if HARD:
         label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
-        if T_IS_1:
+        if SAME_LSE:
             q1 = tl.exp(lq)
         else:
-            m_1 = tl.load(st + 5, mask=row_in, other=0.0)
-            ld_1 = tl.load(st + 6, mask=row_in, other=0.0)
+            m_1 = tl.load(st + S_M1, mask=row_in, other=0.0)
+            ld_1 = tl.load(st + S_LD1, mask=row_in, other=0.0)
             q1 = tl.exp((S - m_1[:, None]) - ld_1[:, None])
         g += (f * hard_weight)[:, None] * (q1 - tl.where(cols[None, :] == label[:, None], 1.0, 0.0))
     if S_CAP:
-        g = g * (1.0 - th * th)
-    g = tl.where((cols < V)[None, :] & row_in[:, None], g, 0.0)
+        g = g * (s_scale * (1.0 - th * th))
+    else:
+        g = g * s_scale
+    # both distributions exist (divergence.h: row_ok) <=> both log shifted sums are finite
+    ok = (tl.abs(ld_s) < float("inf")) & (tl.abs(ld_t) < float("inf"))
+    ok = ok & (_grad_undefined(aux, DIV) == 0)
+    g = tl.where(ok[:, None], g, float("nan"))
+    # rows that do not count (factor 0, or past N) and columns past V are exactly 0
+    g = tl.where((cols < V)[None, :] & (row_in & (f != 0.0))[:, None], g, 0.0)
     out = g_ptr + rows[:, None].to(tl.int64) * g_stride + (cols - c0)[None, :]
     tl.store(out, g.to(g_ptr.dtype.element_ty),
              mask=row_in[:, None] & ((cols - c0) < c_width)[None, :])
@@ -287,21 +306,29 @@ def _precision(dtype):
 
 
 class _Problem:
-    """Flattened tensors and options of one fused call."""
+    """Flattened tensors and options of one fused call. ``opts`` are the KernelOptions with the
+    logit scales not folded in (s_mul = t_mul = 1 / T, h_mul = 1): the kernels apply
+    ``s_scale`` / ``t_scale`` to the logits before the softcap."""
 
-    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, opts, V, s_cap, t_cap):
+    def __init__(self, h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, opts, V, s_cap, t_cap,
+                 s_scale=None, t_scale=None):
         c = lambda x: None if x is None else x.contiguous()  # noqa: E731
-        self.h_s, self.w_s, self.b_s = c(h_s), c(w_s), c(b_s)
-        self.h_t, self.w_t, self.b_t = c(h_t), c(w_t), c(b_t)
-        self.t_logits = t_logits if t_logits is None or t_logits.stride(-1) == 1 \
-            else t_logits.contiguous()
+        # The interpreter has no bf16 arithmetic (it multiplies raw bit patterns in tl.dot): run
+        # it on float32 copies there; compiled kernels read bf16 directly.
+        up = (lambda x: None if x is None else x.float()) if interpreting() else c
+        self.out_dtypes = (h_s.dtype, w_s.dtype, b_s.dtype if b_s is not None else None)
+        self.h_s, self.w_s, self.b_s = up(c(h_s)), up(c(w_s)), up(c(b_s))
+        self.h_t, self.w_t, self.b_t = up(c(h_t)), up(c(w_t)), up(c(b_t))
+        if t_logits is not None and t_logits.stride(-1) != 1:
+            t_logits = t_logits.contiguous()
+        self.t_logits = up(t_logits) if t_logits is not None else None
         self.labels = c(labels)
         self.opts, self.V, self.s_cap, self.t_cap = opts, V, s_cap, t_cap
+        self.s_scale, self.t_scale = s_scale or 1.0, t_scale or 1.0
         self.N, self.Ds = self.h_s.shape
         self.Vs = self.w_s.shape[0]
         self.Dt = self.h_t.shape[1] if self.h_t is not None else 1
-        any_ = self.h_s
-        self.dummy = torch.empty(1, device=any_.device, dtype=any_.dtype)
+        self.dummy = torch.empty(1, device=self.h_s.device, dtype=self.h_s.dtype)
 
     def args(self):
         d = self.dummy
@@ -318,16 +345,21 @@ class _Problem:
 
     def flags(self):
         o = self.opts
-        return dict(DIV=o.kernel_code, HAS_LABELS=self.labels is not None,
+        return dict(DIV=o.divergence, HAS_LABELS=self.labels is not None,
                     HARD=self.labels is not None and o.hard_weight != 0.0,
-                    T_IS_1=o.temperature == 1.0, HAS_SB=self.b_s is not None,
+                    SAME_LSE=o.same_lse, HAS_SB=self.b_s is not None,
                     HAS_TB=self.b_t is not None, DENSE_T=self.t_logits is not None,
                     S_CAP=self.s_cap is not None, T_CAP=self.t_cap is not None,
                     PRECISION=_precision(self.h_s.dtype))
 
+    def scalars(self):
+        return (self.opts.s_mul, self.s_scale, self.t_scale, self.s_cap or 1.0,
+                self.t_cap or 1.0, self.opts.beta)
+
 
 def forward_stats(P: _Problem):
-    """Per-row statistics [N, 8] and per-row losses [N] (0 at ignored rows)."""
+    """Per-row statistics [N, N_ROW] and per-row losses [N] (0 at ignored rows, NaN in rows
+    without distributions)."""
     o = P.opts
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
@@ -336,46 +368,49 @@ def forward_stats(P: _Problem):
     n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
     cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
     n_splits = triton.cdiv(P.V, cols_per_split)
-    part = torch.empty(P.N, n_splits, N_STATS, dtype=torch.float32, device=dev)
-    stats = torch.empty(P.N, 8, dtype=torch.float32, device=dev)
+    part = torch.empty(P.N, n_splits, N_PART, dtype=torch.float32, device=dev)
+    stats = torch.empty(P.N, N_ROW, dtype=torch.float32, device=dev)
     div = torch.empty(P.N, dtype=torch.float32, device=dev)
     labels = P.labels if P.labels is not None else stats
-    common = (P.N, P.V, P.Ds, P.Dt) + P.strides() + (cols_per_split, n_splits,
-                                                     1.0 / o.temperature, P.s_cap or 1.0,
-                                                     P.t_cap or 1.0, o.beta)
+    common = (P.N, P.V, P.Ds, P.Dt) + P.strides() + (cols_per_split, n_splits) + P.scalars()
     fl = P.flags()
     linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=1,
                                           BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                           **_launch_options(warps), **fl)
     FB = 64 if not interpreting() else 16
-    linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits,
+    linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
                                                   DIV=fl["DIV"], PASS=1, BLOCK_M=FB)
-    if fl["DIV"] not in (0, 1):  # jsd, skew_*, tvd: second sweep for the loss and aux sums
+    if fl["DIV"] not in (0, 1, 6):  # jsd, skew_*, tvd: second sweep for the loss and aux sums
         linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=2,
                                               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                               **_launch_options(warps), **fl)
-        linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits,
+        linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
                                                       DIV=fl["DIV"], PASS=2, BLOCK_M=FB)
     rows = o.soft_scale * div
+    col = {name: stats[:, i] for i, name in enumerate(ROW_SLOTS)}
     if fl["HARD"]:
         lab = P.labels
-        ok = (lab >= 0) & (lab < P.V)
+        good = (lab >= 0) & (lab < P.V)
         # CE = LSE - z[label] = (m - z[label]) + log d
-        ce = (stats[:, 0] - stats[:, 7]) + stats[:, 1] if fl["T_IS_1"] else \
-            (stats[:, 5] - stats[:, 7]) + stats[:, 6]
-        rows = rows + o.hard_weight * torch.where(ok, ce, torch.full_like(ce, float("nan")))
+        ce = (col["m_s"] - col["z_label"]) + col["ld_s"] if fl["SAME_LSE"] else \
+            (col["m_1"] - col["z_label"]) + col["ld_1"]
+        rows = rows + o.hard_weight * torch.where(good, ce, torch.full_like(ce, float("nan")))
+    ok = torch.isfinite(col["ld_s"]) & torch.isfinite(col["ld_t"])
+    rows = torch.where(ok, rows, torch.full_like(rows, float("nan")))
     if P.labels is not None:
         rows = torch.where(P.labels != o.ignore_index, rows, torch.zeros_like(rows))
     return stats, rows
 
 
 def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
-    """out [N, width] = gradient w.r.t. the student logits of columns [c0, c0 + width)."""
+    """out [N, width] = gradient w.r.t. the student logits (before scale and softcap) of
+    columns [c0, c0 + width)."""
     o = P.opts
     BM, BN, BK, warps = _tiles(P.h_s.dtype)
     labels = P.labels if P.labels is not None else stats
+    inv_t, s_scale, t_scale, s_cap, t_cap, beta = P.scalars()
     linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
         *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
-        P.N, P.V, P.Ds, P.Dt, *P.strides(), 1.0 / o.temperature, P.s_cap or 1.0, P.t_cap or 1.0,
-        o.beta, o.soft_scale, o.hard_weight,
+        P.N, P.V, P.Ds, P.Dt, *P.strides(), inv_t, s_scale, t_scale, s_cap, t_cap, beta,
+        o.soft_scale, o.hard_weight,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())

@@ -76,14 +76,10 @@ def build() -> str:
 
 def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(build())
-    i32, i64, f32, ptr = ctypes.c_int32, ctypes.c_int64, ctypes.c_float, ctypes.c_void_p
-    lib.emu_distill.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, ptr, i64, i64, ptr, i64,
-                                i32, f32, f32, f32, f32, i64, i64, ptr]
-    lib.emu_distill.restype = i32
-    lib.emu_feature.argtypes = [ptr, i32, i64, ptr, i32, i64, ptr, ptr, i64, ptr, i64, i64, i32,
-                                ptr]
-    lib.emu_feature.restype = i32
-    lib.emu_scale.argtypes = [ptr, i32, i64, i64, i64, ptr, ctypes.c_bool]
-    lib.emu_scale.restype = i32
+    for fn in (lib.emu_distill, lib.emu_feature, lib.emu_scale):
+        fn.argtypes = [ctypes.c_void_p]  # the address of an argument struct (args.h)
+        fn.restype = ctypes.c_int32
     lib.emu_last_error.restype = ctypes.c_char_p
+    lib.emu_sizeof.argtypes = [ctypes.c_int32]
+    lib.emu_sizeof.restype = ctypes.c_int64
     return lib

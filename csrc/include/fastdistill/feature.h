@@ -59,13 +59,17 @@ FD_HD FeatureCoef feature_coef(int32_t kind, const FeatureSums& r, int64_t dim) 
     const double that2 = r.tt / (D * vt);
     const double sthat = r.st / (D * sig_s * sig_t);  // mean of s^ t^
     c.loss = shat2 + that2 - 2.0 * sthat;
-    c.loss = c.loss > 0.0 ? c.loss : 0.0;
+    c.loss = c.loss < 0.0 ? 0.0 : c.loss;  // rounding can go below 0; NaN stays NaN
     // With d = 2/D (s^ - t^): dL/ds = (d - mean(d) - s^ mean(d s^)) / sigma_s, mean(d) = 0.
     const double md = 2.0 / D * (shat2 - sthat);
     c.cs = (2.0 / D - md) / vs;
     c.ct = -2.0 / D / (sig_s * sig_t);
     c.ms = r.mean_s;
     c.mt = r.mean_t;
+  }
+  if (c.loss != c.loss) {  // a NaN in the row: its whole gradient is NaN (RELIABILITY.md)
+    c.cs = c.loss;
+    c.ct = c.loss;
   }
   return c;
 }

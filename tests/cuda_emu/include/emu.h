@@ -1,8 +1,10 @@
 // A host emulation of the little of CUDA that csrc/cuda/ uses, so that the kernels' own source
-// runs on a machine without a GPU: a block is blockDim.x std::threads, __syncthreads is a
-// barrier over them, warp shuffles exchange values through a per-warp buffer between two warp
-// barriers, blocks run one after another (so `__shared__` can be `static`). Numbers come from the
-// host math of fastdistill/fast_math.h and dtype.h (FD_DEVICE_CODE is 0 here).
+// runs on a machine without a GPU: a block is blockDim.x cooperative fibers (ucontext) on one
+// OS thread, __syncthreads is a barrier over them, warp shuffles exchange values through a
+// per-warp buffer between two warp barriers, blocks run one after another (so `__shared__` can
+// be `static`). A fiber runs until it reaches a barrier; the barrier opens when every thread it
+// is for has arrived. Numbers come from the host math of fastdistill/fast_math.h and dtype.h
+// (FD_DEVICE_CODE is 0 here).
 //
 // What it checks: indexing, tails, alignment paths, reductions and their barriers (a barrier that
 // not every thread of the block reaches aborts with a message instead of hanging), aliasing
@@ -10,16 +12,13 @@
 // exp/log, register allocation.
 #pragma once
 
-#include <chrono>
 #include <cmath>
-#include <condition_variable>
 #include <cstdint>
 #include <cstdio>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
-#include <mutex>
-#include <thread>
+#include <ucontext.h>
 #include <vector>
 
 #include "fastdistill/dtype.h"
@@ -88,31 +87,38 @@ inline const char* cudaGetErrorString(cudaError_t e) {
 
 namespace emu {
 
-// A barrier for `n` threads that aborts instead of hanging when some thread never arrives
-// (a __syncthreads or shuffle that only part of the block reaches).
-class Barrier {
- public:
-  explicit Barrier(int n) : n_(n) {}
-  void wait(const char* what) {
-    std::unique_lock<std::mutex> lock(m_);
-    const unsigned long gen = gen_;
-    if (++count_ == n_) {
-      count_ = 0;
-      ++gen_;
-      cv_.notify_all();
+struct Barrier;
+
+// One emulated CUDA thread.
+struct Fiber {
+  ucontext_t ctx;
+  char* stack = nullptr;
+  unsigned idx = 0;
+  bool done = false;
+  Barrier* waiting = nullptr;  // the barrier it waits at, and that barrier's generation
+  unsigned long gen = 0;
+};
+
+inline thread_local ucontext_t scheduler;
+inline thread_local Fiber* current = nullptr;
+
+// A barrier for `n` threads. The last one to arrive opens it and runs on; the others return to
+// the scheduler until it opens.
+struct Barrier {
+  explicit Barrier(int n_) : n(n_) {}
+  void wait(const char*) {
+    const unsigned long g = gen;
+    if (++count == n) {
+      count = 0;
+      ++gen;
       return;
     }
-    if (!cv_.wait_for(lock, std::chrono::seconds(120), [&] { return gen_ != gen; })) {
-      std::fprintf(stderr, "emulated %s timed out: not every thread reached it\n", what);
-      std::abort();
-    }
+    current->waiting = this;
+    current->gen = g;
+    swapcontext(&current->ctx, &scheduler);
   }
-
- private:
-  std::mutex m_;
-  std::condition_variable cv_;
-  int n_, count_ = 0;
-  unsigned long gen_ = 0;
+  int n, count = 0;
+  unsigned long gen = 0;
 };
 
 struct Warp {
@@ -127,6 +133,13 @@ struct Block {
 };
 
 inline thread_local Block* block = nullptr;
+inline thread_local void (*body_fn)(void*) = nullptr;
+inline thread_local void* body_arg = nullptr;
+
+inline void trampoline() {
+  body_fn(body_arg);
+  current->done = true;  // returns to uc_link: the scheduler
+}
 
 }  // namespace emu
 
@@ -156,22 +169,47 @@ inline void emu_launch(dim3 grid, dim3 block, size_t, cudaStream_t, F&& body) {
     emu::last_error = cudaErrorInvalidConfiguration;
     return;
   }
+  constexpr size_t kStack = 256 << 10;
+  std::vector<char> stacks(kStack * block.x);
+  std::vector<emu::Fiber> fibers(block.x);
+  emu::body_fn = [](void* f) { (*static_cast<F*>(f))(); };
+  emu::body_arg = &body;
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
       emu::Block ctx(int(block.x));
-      std::vector<std::thread> threads;
-      threads.reserve(block.x);
+      blockIdx = dim3(bx, by);
+      blockDim = block;
+      gridDim = grid;
+      emu::block = &ctx;
       for (unsigned t = 0; t < block.x; ++t) {
-        threads.emplace_back([&, t] {
-          threadIdx = dim3(t);
-          blockIdx = dim3(bx, by);
-          blockDim = block;
-          gridDim = grid;
-          emu::block = &ctx;
-          body();
-        });
+        emu::Fiber& f = fibers[t];
+        f = emu::Fiber();
+        f.idx = t;
+        f.stack = stacks.data() + t * kStack;
+        getcontext(&f.ctx);
+        f.ctx.uc_stack.ss_sp = f.stack;
+        f.ctx.uc_stack.ss_size = kStack;
+        f.ctx.uc_link = &emu::scheduler;
+        makecontext(&f.ctx, emu::trampoline, 0);
       }
-      for (auto& th : threads) th.join();
+      // round robin until every thread has finished; a sweep in which no thread can run means
+      // a barrier that not every thread reaches
+      for (unsigned alive = block.x; alive > 0;) {
+        bool ran = false;
+        for (auto& f : fibers) {
+          if (f.done || (f.waiting != nullptr && f.waiting->gen == f.gen)) continue;
+          f.waiting = nullptr;
+          threadIdx = dim3(f.idx);
+          emu::current = &f;
+          swapcontext(&emu::scheduler, &f.ctx);
+          ran = true;
+          if (f.done) --alive;
+        }
+        if (!ran) {
+          std::fprintf(stderr, "emulated barrier never opens: not every thread reaches it\n");
+          std::abort();
+        }
+      }
     }
   }
 }

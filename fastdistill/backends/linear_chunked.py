@@ -1,0 +1,70 @@
+"""linear_distill_loss, mode="chunked" (every backend).
+
+Rows go in chunks; per chunk the student and teacher logits come from the matmul in float32
+(never rounded to 16 bits before the softmax), the logit-level kernel of the chosen backend
+turns them into the row losses and the logit gradient in place, and that gradient flows into
+grad_hidden, grad_weight (float32 accumulation) and grad_bias right away (fastdistill/_chunked.py).
+Extra memory: O(chunk x V).
+"""
+
+from __future__ import annotations
+
+import torch
+
+from fastdistill import backends
+from fastdistill._chunked import default_chunk, mm_f32, run_chunks
+from fastdistill.config import KernelOptions
+
+
+def kernel_options(call) -> KernelOptions:
+    """Logit scales are folded into the row kernel's multipliers, except on a side with a
+    softcap: there the chunk's logits are scaled and capped first (scale, then cap, then 1/T)."""
+    s_scale = 1.0 if call.s_cap is not None else call.s_scale
+    t_scale = 1.0 if call.t_cap is not None else call.t_scale
+    return KernelOptions(call.divergence, call.beta, s_scale * call.inv_t, t_scale * call.inv_t,
+                         s_scale, call.soft_scale, call.hard_weight, call.ignore_index)
+
+
+def forward(call, grad_scale: torch.Tensor, row_factor, needs, chunk_rows: int):
+    """(rows [N] float32, [grad_hidden, grad_weight, grad_bias]) for one sweep over the
+    chunks; gradients are those of sum(grad_scale * row_factor * rows)."""
+    impl = backends.get(call.backend)
+    opts = kernel_options(call)
+    N, device = call.h_s.shape[0], call.h_s.device
+    vt = call.w_t.shape[0] if call.t_logits is None else call.t_logits.shape[1]
+    chunk = chunk_rows or default_chunk(N, max(call.w_s.shape[0], vt), device, buffers=4)
+    # float32 teacher weights on the upcast path: one [chunk, Vt] buffer reused by every chunk
+    t_w = None
+    if call.t_logits is None:
+        t_w = call.w_t if call.w_t.is_cuda and call.w_t.dtype != torch.float32 \
+            else call.w_t.float()
+    t_buf = []
+
+    def teacher_chunk(r0, r1):
+        with torch.no_grad():
+            if call.t_logits is not None:
+                if call.t_cap is None:
+                    return call.t_logits[r0:r1]
+                z = call.t_logits[r0:r1].to(torch.float32, copy=True)  # the input stays as is
+            else:
+                h = call.h_t[r0:r1] if t_w.dtype != torch.float32 else call.h_t[r0:r1].float()
+                if t_w.dtype == torch.float32 and not t_buf:
+                    t_buf.append(torch.empty(min(chunk, N), vt, dtype=torch.float32,
+                                             device=device))
+                z = mm_f32(h, t_w.t(), out=t_buf[0][:r1 - r0] if t_buf else None)
+                if call.b_t is not None:
+                    z += call.b_t.float()
+            if call.t_cap is not None:
+                if call.t_scale != 1.0:
+                    z.mul_(call.t_scale)
+                z = torch.tanh(z.div_(call.t_cap)).mul_(call.t_cap)
+        return z
+
+    def row_fn(r0, r1, z, need_grad, scale):
+        lab = call.labels[r0:r1] if call.labels is not None else None
+        return impl.distill_forward(z, teacher_chunk(r0, r1), lab, opts, call.vocab, scale,
+                                    need_grad, grad_out=z)
+
+    s_scale = call.s_scale if call.s_cap is not None else 1.0
+    return run_chunks(call.h_s, call.w_s, call.b_s, row_fn, chunk, call.s_cap, s_scale, needs,
+                      grad_scale, row_factor)
