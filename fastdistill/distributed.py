@@ -88,6 +88,7 @@ _F32 = torch.float32
 
 # ---- DTensor and group plumbing ---------------------------------------------------------------
 
+@functools.lru_cache(maxsize=None)
 def _dtensor_cls():
     try:
         from torch.distributed.tensor import DTensor

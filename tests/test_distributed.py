@@ -101,14 +101,20 @@ def cfg_of(kw):
                                                                       "num_items_in_batch")})
 
 
-def run_logits(ctx, s, t, labels=None, width=None, grad_out=None, dtype=None, **kw):
-    """The vocabulary-parallel loss on this rank's slice against the full reference."""
+def run_logits(ctx, s, t, labels=None, width=None, grad_out=None, public=False, **kw):
+    """The vocabulary-parallel loss on this rank's slice against the full reference, called
+    directly or (public=True) through fd.distill_loss(..., vocab_group=)."""
+    import fastdistill as fd
     from fastdistill.distributed import vocab_parallel_distill_loss
     sl = cols(ctx, s.shape[-1] if width is None else width)
     s_loc = s[..., sl].to(ctx.device).clone().requires_grad_(True)
-    loss = vocab_parallel_distill_loss(s_loc, dev(ctx, t[..., sl]), dev(ctx, labels),
-                                       dev(ctx, kw.get("mask")), cfg_of(kw),
-                                       dev(ctx, kw.get("num_items_in_batch")), ctx.group)
+    if public:
+        loss = fd.distill_loss(s_loc, dev(ctx, t[..., sl]), dev(ctx, labels),
+                               vocab_group=ctx.group, **{k: dev(ctx, v) for k, v in kw.items()})
+    else:
+        loss = vocab_parallel_distill_loss(s_loc, dev(ctx, t[..., sl]), dev(ctx, labels),
+                                           dev(ctx, kw.get("mask")), cfg_of(kw),
+                                           dev(ctx, kw.get("num_items_in_batch")), ctx.group)
     loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
     ref, ref_g = reference(s, t, labels, grad_out, **kw)
     if labels is not None:  # ignored rows get a zero gradient (autograd of the reference can
@@ -258,7 +264,11 @@ def make_linear(seed, N, V, Ds, Dt, dtype=torch.float32, bias=False):
 
 
 def run_linear(ctx, x, labels=None, grad_out=None, teacher_logits=False, reduce_hidden=True,
-               lead=None, **kw):
+               lead=None, public=False, **kw):
+    """The vocabulary-parallel linear loss with this rank's lm_head rows against the full
+    reference, called directly or (public=True) through fd.linear_distill_loss(...,
+    vocab_group=)."""
+    import fastdistill as fd
     from fastdistill.distributed import vocab_parallel_linear_distill_loss
     from fastdistill.reference import reference_linear_distill_loss
     V = x["w"].shape[0]
@@ -273,16 +283,21 @@ def run_linear(ctx, x, labels=None, grad_out=None, teacher_logits=False, reduce_
                   num_items_in_batch=dev(ctx, kw.get("num_items_in_batch")),
                   reduce_hidden_grad=reduce_hidden)
     h_in = h.reshape(*lead, -1) if lead else h
+    call = vocab_parallel_linear_distill_loss
+    if public:
+        assert reduce_hidden
+        common = dict({k: dev(ctx, v) for k, v in kw.items()}, **caps, vocab_group=ctx.group)
+        call = fd.linear_distill_loss
     if teacher_logits:
         from fastdistill.reference import reference_logits
         zt = reference_logits(x["ht"], x["wt"], x.get("bt")).to(x["h"].dtype)
         zt_in = zt.reshape(*lead, -1) if lead else zt
-        loss = vocab_parallel_linear_distill_loss(
+        loss = call(
             h_in, w, None, None, dev(ctx, labels), teacher_logits=dev(ctx, zt_in[..., sl]),
             student_bias=b, **common)
     else:
         ht_in = x["ht"].reshape(*lead, -1) if lead else x["ht"]
-        loss = vocab_parallel_linear_distill_loss(
+        loss = call(
             h_in, w, dev(ctx, ht_in), dev(ctx, x["wt"][sl]), dev(ctx, labels), student_bias=b,
             teacher_bias=dev(ctx, x["bt"][sl]) if "bt" in x else None, **common)
     loss.backward(torch.ones_like(loss) if grad_out is None else grad_out.to(loss))
@@ -362,6 +377,58 @@ def linear_reductions_and_partials(ctx):
     run_linear(ctx, x, lab, reduce_hidden=False, divergence="reverse_kl", hard_weight=0.4)
     xb = {k: v.to(torch.bfloat16) for k, v in x.items()}
     run_linear(ctx, xb, lab, divergence="forward_kl", hard_weight=0.4)
+
+
+@case
+def public_api(ctx):
+    """fd.distill_loss / fd.linear_distill_loss with vocab_group= and with DTensor inputs (and
+    the DistillLoss module, which shares the dispatch) reach the vocabulary-parallel loss."""
+    import fastdistill as fd
+    from torch.distributed.device_mesh import DeviceMesh
+    from torch.distributed.tensor import Replicate, Shard, distribute_tensor
+    from fastdistill.reference import reference_linear_distill_loss
+    s, t = make_logits(190, (2, 3), 16)
+    lab = make_labels(190, (2, 3), 11, ctx)
+    mask = torch.tensor([[True, True, False], [True, True, True]])
+    run_logits(ctx, s, t, lab, public=True, divergence="jsd", hard_weight=0.5, vocab_size=11,
+               mask=mask, temperature=2.0)
+    run_logits(ctx, s, t, lab, public=True, divergence="tvd", reduction="none",
+               student_logit_scale=1.5)
+    run_logits(ctx, s, t, lab, public=True, divergence="symmetric_kl", shift_labels=True,
+               num_items_in_batch=torch.tensor(3.0), hard_weight=0.2)
+    x = make_linear(191, 6, 12, 5, 4, bias=True)
+    lab6 = make_labels(191, (6,), 12, ctx)
+    run_linear(ctx, x, lab6, public=True, divergence="skew_forward_kl", hard_weight=0.3,
+               student_softcap=3.0, teacher_softcap=2.0, chunk_size=4)
+    run_linear(ctx, x, lab6, public=True, teacher_logits=True, divergence="reverse_kl",
+               reduction="sum")
+
+    mesh = DeviceMesh.from_group(ctx.group, "cpu")
+    kw = dict(divergence="forward_kl", hard_weight=0.4, temperature=1.5)
+    s2, t2 = s.reshape(6, 16), t.reshape(6, 16)
+    ds = distribute_tensor(s2, mesh, [Shard(1)]).detach().requires_grad_(True)
+    for loss in (fd.distill_loss(ds, distribute_tensor(t2, mesh, [Shard(1)]), lab6.clamp(max=15),
+                                 **kw),
+                 fd.DistillLoss(**kw)(ds, distribute_tensor(t2, mesh, [Shard(1)]),
+                                      lab6.clamp(max=15))):
+        ds.grad = None
+        loss.backward()
+        ref, ref_g = reference(s2, t2, lab6.clamp(max=15), **kw)
+        close(loss, ref, "loss (DTensor logits)", LOSS_TOL)
+        close(ds.grad.full_tensor(), ref_g, "gradient (DTensor logits)", GRAD_TOL)
+
+    w = distribute_tensor(x["w"], mesh, [Shard(0)]).detach().requires_grad_(True)
+    h = distribute_tensor(x["h"], mesh, [Replicate()]).detach().requires_grad_(True)
+    loss = fd.linear_distill_loss(h, w, x["ht"], distribute_tensor(x["wt"], mesh, [Shard(0)]),
+                                  lab6, **kw)
+    loss.backward()
+    h64 = x["h"].to(torch.float64).requires_grad_(True)
+    w64 = x["w"].to(torch.float64).requires_grad_(True)
+    ref = reference_linear_distill_loss(h64, w64, x["ht"], x["wt"], lab6, **kw)
+    ref.backward()
+    close(loss, ref, "loss (DTensor lm_head)", LOSS_TOL)
+    close(w.grad.full_tensor(), w64.grad, "weight gradient (DTensor lm_head)", GRAD_TOL)
+    close(h.grad.full_tensor(), h64.grad, "hidden gradient (DTensor lm_head)", GRAD_TOL)
 
 
 # ---- DTensor inputs ---------------------------------------------------------------------------
