@@ -12,8 +12,9 @@ Every rank of one mesh plays two roles:
   whole on a rank.
 
 For the loss, the ranks' final hidden states (``Shard(0)`` over tokens) are gathered to
-``Replicate()`` and ``fastdistill.distributed.vocab_parallel_linear_distill_loss`` computes the
-loss of all tokens over this rank's vocabulary slice, all-reducing only per-token statistics.
+``Replicate()`` and ``fd.linear_distill_loss`` (DTensor inputs: the vocabulary-parallel loss)
+computes the loss of all tokens over this rank's vocabulary slice, all-reducing only per-token
+statistics.
 The hidden-state gradient comes back as a ``Partial()`` DTensor, which the gather's backward
 reduce-scatters to each rank's own tokens. The loss is the global mean over every token of the
 step (the same on every rank), so the FSDP2 body sums its gradients over the ranks instead of
@@ -39,8 +40,7 @@ from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import fully_shard
 from torch.distributed.tensor import DTensor, Replicate, Shard, distribute_tensor
 
-from fastdistill.config import DistillConfig
-from fastdistill.distributed import vocab_parallel_linear_distill_loss
+import fastdistill as fd
 from fastdistill.reference import reference_linear_distill_loss
 
 VOCAB = 509
@@ -120,7 +120,6 @@ def main():
             m.set_gradient_divide_factor(1.0)
             m.set_force_sum_reduction_for_comms(True)
     opt = torch.optim.AdamW(list(body.parameters()) + list(lm_head.parameters()), lr=args.lr)
-    cfg = DistillConfig(divergence="forward_kl", vocab_size=VOCAB)
     data = torch.Generator().manual_seed(1000 + rank)  # each rank its own batches
 
     t0 = time.perf_counter()
@@ -131,13 +130,13 @@ def main():
         teacher_h = nn.functional.one_hot(tokens.reshape(-1), vp).float()
         teacher_all = DTensor.from_local(teacher_h, mesh, [Shard(0)]).redistribute(
             mesh, [Replicate()])
-        loss = vocab_parallel_linear_distill_loss(h_all, lm_head.weight, teacher_all, w_teacher,
-                                                  cfg=cfg)
+        loss = fd.linear_distill_loss(h_all, lm_head.weight, teacher_all, w_teacher,
+                                      divergence="forward_kl", vocab_size=VOCAB)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         if step == 0:
-            check(body, lm_head, init_state, init_head, tokens, w_teacher, cfg, args, vp, world,
-                  loss, device)
+            check(body, lm_head, init_state, init_head, tokens, w_teacher, args, vp, world, loss,
+                  device)
         opt.step()
         if rank == 0 and (step % 20 == 0 or step == args.steps - 1):
             print(f"step {step:4d}  KL(teacher || student) per token {loss.item():.4f}",
@@ -148,8 +147,7 @@ def main():
     dist.destroy_process_group()
 
 
-def check(body, lm_head, init_state, init_head, tokens, w_teacher, cfg, args, vp, world, loss,
-          device):
+def check(body, lm_head, init_state, init_head, tokens, w_teacher, args, vp, world, loss, device):
     """The step-0 loss and gradients against one process in float64 on every rank's tokens."""
     all_tokens = [torch.empty_like(tokens) for _ in range(world)]
     dist.all_gather(all_tokens, tokens)
@@ -165,7 +163,7 @@ def check(body, lm_head, init_state, init_head, tokens, w_teacher, cfg, args, vp
     h = ref_body(x.reshape(-1, args.seq)).reshape(-1, args.dim)
     ref = reference_linear_distill_loss(
         h, head, nn.functional.one_hot(x, vp).to(torch.float64), w_t.to(torch.float64),
-        vocab_size=cfg.vocab_size)
+        vocab_size=VOCAB)
     ref.backward()
     err = max([(grads[n].double() - p.grad).abs().max().item()
                for n, p in ref_body.named_parameters()]
