@@ -45,8 +45,9 @@ is reduce-scattered exactly as after a forward of the module.
 **Data parallel**: :func:`global_num_items_in_batch` counts the tokens that count over the
 data-parallel group (an all-reduce, no host sync) for ``num_items_in_batch``.
 
-The row math here runs in PyTorch operations (any device); the single-device fused kernels
-stream a whole row in one program and are not used. No host synchronisation happens in the
+The row math here runs in PyTorch operations (any device), eagerly (not inside a
+torch.compile region); the single-device fused kernels stream a whole row in one program and
+are not used. No host synchronisation happens in the
 loss on CUDA tensors; on CPU tensors the ranks' shapes are cross-checked first (one small
 all-gather), which on a GPU would synchronise and is skipped.
 """
@@ -88,18 +89,14 @@ _F32 = torch.float32
 
 # ---- DTensor and group plumbing ---------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
-def _dtensor_cls():
-    try:
-        from torch.distributed.tensor import DTensor
-    except ImportError:  # torch without DTensor
-        return None
-    return DTensor
+try:
+    from torch.distributed.tensor import DTensor as _DTensor
+except ImportError:  # torch without DTensor
+    _DTensor = None
 
 
 def _is_dtensor(x) -> bool:
-    cls = _dtensor_cls()
-    return cls is not None and isinstance(x, cls)
+    return _DTensor is not None and isinstance(x, _DTensor)
 
 
 def is_vocab_parallel(*tensors, group=None) -> bool:
@@ -542,6 +539,12 @@ def _check_mask(mask, lead) -> Optional[torch.Tensor]:
     return mask.reshape(-1)
 
 
+def _eager(what: str) -> None:
+    if torch.compiler.is_compiling():
+        raise RuntimeError(f"{what} runs eagerly (collectives inside an autograd function); "
+                           "call it outside the torch.compile region")
+
+
 def _check_cfg(cfg) -> DistillConfig:
     if cfg is None:
         return DistillConfig()
@@ -565,7 +568,6 @@ def _plain_slice(x, name, dim, expect):
     return _Slice(x, None, None, None)
 
 
-@torch.compiler.disable
 def vocab_parallel_distill_loss(student_logits, teacher_logits, labels=None, mask=None,
                                 cfg: Optional[DistillConfig] = None, num_items_in_batch=None,
                                 group=None) -> torch.Tensor:
@@ -591,6 +593,7 @@ def vocab_parallel_distill_loss(student_logits, teacher_logits, labels=None, mas
         The float32 loss of the whole vocabulary, the same on every rank: 0-d, or the leading
         shape for ``reduction="none"``.
     """
+    _eager("vocab_parallel_distill_loss")
     cfg = _check_cfg(cfg)
     s_sl = _plain_slice(student_logits, "student_logits", -1, "Shard(-1)")
     t_sl = _plain_slice(teacher_logits, "teacher_logits", -1, "Shard(-1)")
@@ -780,7 +783,6 @@ def _bias_slice(bias, name, w: _Slice, w_name) -> Optional[torch.Tensor]:
     return sl.local
 
 
-@torch.compiler.disable
 def vocab_parallel_linear_distill_loss(student_hidden, student_weight, teacher_hidden=None,
                                        teacher_weight=None, labels=None, *, teacher_logits=None,
                                        student_bias=None, teacher_bias=None, mask=None,
@@ -809,6 +811,7 @@ def vocab_parallel_linear_distill_loss(student_hidden, student_weight, teacher_h
     Returns:
         The float32 loss of the whole vocabulary, the same on every rank.
     """
+    _eager("vocab_parallel_linear_distill_loss")
     cfg = _check_cfg(cfg)
     if cfg.mode == "fused":
         raise ValueError("mode='fused' is not available with a vocabulary-sharded lm_head; use "
