@@ -51,3 +51,17 @@ def _emulated_cuda_backend(request, monkeypatch):
                         lambda name: emu_backend if name == "cuda_emu" else get(name))
     monkeypatch.setattr(backends, "resolve",
                         lambda b, d: "cuda_emu" if b == "cuda_emu" else resolve(b, d))
+
+
+@pytest.fixture(scope="session")
+def aot_records(tmp_path_factory):
+    """Every Triton kernel compiled for sm_80 and sm_90 as its launcher specialises it
+    (fastdistill.bench.aot), in two processes without TRITON_INTERPRET: the benchmark settings
+    and the heavier variant (hard loss, T != 1, softcap) on sm_90, the heavier variant on sm_80.
+    One compile per session, shared by test_aot.py and test_roofline.py; the records (SASS
+    included) are cached by source hash and specialisation (FASTDISTILL_AOT_CACHE or
+    ~/.cache/fastdistill/aot)."""
+    pytest.importorskip("triton", reason="triton not installed")
+    from fastdistill.bench import aot
+    return aot.compile_in_subprocess((80, 90), out_dir=str(tmp_path_factory.mktemp("aot")),
+                                     variants={80: ("hard",), 90: ("bench", "hard")})

@@ -1,67 +1,73 @@
-"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 (bf16 and fp32 inputs, the
-V = 128256 / D = 4096 configurations) on this GPU-less machine, without register spills and with
-128-bit global loads. Runs tests/aot_compile.py in processes without TRITON_INTERPRET."""
-
-import json
-import os
-import subprocess
-import sys
+"""Every Triton kernel compiles ahead of time for sm_80 and sm_90 on this GPU-less machine, as
+its launcher specialises it at the benchmark shapes (fastdistill.bench.aot records the launches
+on meta tensors), without register spills, with 128-bit global loads, and the fused linear
+kernels on tensor cores. The compile is shared with tests/test_roofline.py (the session fixture
+aot_records of conftest.py)."""
 
 import pytest
 
 pytest.importorskip("triton", reason="triton not installed")
 
-HERE = os.path.dirname(os.path.abspath(__file__))
+KERNELS = {"distill_kernel", "feature_kernel", "scale_rows_kernel", "linear_stats_kernel",
+           "linear_grad_kernel", "linear_finish_kernel"}
 
 
-@pytest.fixture(scope="module")
-def usage(tmp_path_factory):
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["TRITON_DEFAULT_FP_FUSION"] = "1"
-    out = tmp_path_factory.mktemp("aot")
-    procs = []
-    for arch in (80, 90):  # one process per architecture: they run in parallel
-        path = out / f"sm{arch}.json"
-        p = subprocess.Popen([sys.executable, os.path.join(HERE, "aot_compile.py"), "--arch",
-                              str(arch), "--json", str(path)], env=env, stdout=subprocess.PIPE,
-                             stderr=subprocess.STDOUT, text=True)
-        procs.append((p, path))
-    results = []
-    for p, path in procs:
-        log = p.communicate()[0]
-        assert p.returncode == 0, log[-4000:]
-        results += json.loads(path.read_text())
-    return results
+def test_every_kernel_compiled_for_both_archs(aot_records):
+    kernels = {r["kernel"] for r in aot_records}
+    assert kernels == KERNELS, f"kernels launched by the workloads: {sorted(kernels)}"
+    for k in kernels:
+        archs = {r["arch"] for r in aot_records if r["kernel"] == k}
+        assert archs == {80, 90}, f"{k} compiled for {sorted(archs)}, expected sm_80 and sm_90"
+    # every divergence of the logit-level kernel, both dtypes, the heavier variant on both archs
+    from fastdistill.divergences import DIVERGENCE_CODES
+    for arch in (80, 90):
+        got = {(r["divergence"], r["dtype"]) for r in aot_records
+               if r["kernel"] == "distill_kernel" and r["arch"] == arch and r["variant"] == "hard"}
+        assert got == {(d, t) for d in DIVERGENCE_CODES for t in ("bf16", "fp32")}, (arch, got)
 
 
-def test_every_kernel_compiled_for_both_archs(usage):
-    names = {r["name"] for r in usage}
-    assert any(n.startswith("distill[") for n in names)
-    assert any(n.startswith("feature[") for n in names)
-    for n in names:
-        assert {r["arch"] for r in usage if r["name"] == n} == {80, 90}, n
+def test_specs_follow_the_launchers(aot_records, monkeypatch):
+    """The compiled configurations are what the launchers pass: tiles and warps of
+    fastdistill.kernels at the benchmark shapes (V = 128256, D = 4096, bf16), outside the
+    interpreter (which this process runs, with small tiles)."""
+    import torch
+
+    from fastdistill.kernels import distill, linear
+    monkeypatch.setattr(distill, "interpreting", lambda: False)
+    monkeypatch.setattr(linear, "interpreting", lambda: False)
+    d = [r for r in aot_records if r["kernel"] == "distill_kernel" and r["dtype"] == "bf16"]
+    assert d and all(r["constexprs"]["BLOCK"] == distill.block_size(128256) for r in d)
+    assert all(r["num_warps"] == distill.launch_options(2048)["num_warps"] for r in d)
+    g = [r for r in aot_records if r["kernel"] == "linear_grad_kernel"]
+    BM, BN, BK, warps = linear._tiles(torch.bfloat16, "grad")
+    assert g and all((r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"],
+                      r["constexprs"]["BLOCK_K"], r["num_warps"]) == (BM, BN, BK, warps)
+                     for r in g)
 
 
-def test_no_spills(usage):
-    bad = [(r["name"], r["arch"], r["local"], r["stack"]) for r in usage
+def test_no_spills(aot_records):
+    bad = [(r["name"], r["arch"], r["local"], r["stack"]) for r in aot_records
            if r["local"] != 0 or r["stack"] != 0]
-    assert not bad, f"kernels using local memory (spills): {bad}"
+    assert not bad, f"kernels using local memory (spills), expected none: {bad}"
 
 
-STREAMING = ("distill[", "feature[", "scale_rows[", "linear_stats[", "linear_grad[")
+STREAMING = ("distill_kernel", "feature_kernel", "scale_rows_kernel", "linear_stats_kernel",
+             "linear_grad_kernel")
 
 
-def test_vectorised_loads(usage):
+def test_vectorised_loads(aot_records):
     """The kernels that stream big tensors load 128 bits at a time (linear_finish reads a few
     floats per row and is exempt)."""
-    scalar = [(r["name"], r["arch"]) for r in usage
-              if r["name"].startswith(STREAMING) and not r["ldg128"]]
+    scalar = [(r["name"], r["arch"]) for r in aot_records
+              if r["kernel"] in STREAMING and not r["ldg128"]]
     assert not scalar, f"kernels without 128-bit global loads: {scalar}"
 
 
-def test_fused_linear_uses_tensor_cores(usage):
+def test_fused_linear_uses_tensor_cores(aot_records):
     """bf16 fused linear kernels: HMMA on sm_80, warpgroup HGMMA on sm_90."""
-    fused = [r for r in usage if r["name"].startswith(("linear_stats[", "linear_grad["))]
+    fused = [r for r in aot_records if r["kernel"] in ("linear_stats_kernel",
+                                                        "linear_grad_kernel")]
     assert fused
-    for r in fused:
-        assert (r["hmma"] if r["arch"] == 80 else r["hgmma"]), (r["name"], r["arch"])
+    missing = [(r["name"], r["arch"]) for r in fused
+               if not (r["hmma"] if r["arch"] == 80 else r["hgmma"])]
+    assert not missing, f"fused linear kernels without HMMA (sm_80) / HGMMA (sm_90): {missing}"

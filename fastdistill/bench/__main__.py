@@ -2,12 +2,16 @@
 
 Sweeps tokens (N) and vocabulary (V) for an op and compares, side by side in one run,
 fastdistill's backends, torch eager, torch.compile and Liger-Kernel (when installed). Prints a
-table, writes ``results.csv`` and PNG plots (time and peak extra memory against N, one line per
-provider and V) into ``--out``, and shows progress. Device, versions and commit go into every
-output.
+table, writes ``results.csv`` (one row per measured point, written and flushed as soon as the
+point is measured, so a run that is killed keeps what it measured) and PNG plots (time and peak
+extra memory against N, one line per provider and V) into ``--out``, and shows progress.
+Device, versions and commit go into every output. With ``--predicted roofline.csv`` (from
+``python -m fastdistill.bench.roofline --csv``) the fastdistill points show the model's
+predicted time next to the measured one.
 
     python -m fastdistill.bench --preset cpu-logits      # issue targets on this machine
     python -m fastdistill.bench --op distill --N 1024 4096 --V 32768 65536
+    python -m fastdistill.bench --preset gpu-linear --exclude torch-compile
 """
 
 from __future__ import annotations
@@ -84,6 +88,10 @@ def parse(argv=None):
     ap.add_argument("--hard-weight", type=float, default=None)
     ap.add_argument("--soft-weight", type=float, default=None)
     ap.add_argument("--providers", nargs="+", default=None)
+    ap.add_argument("--exclude", nargs="+", default=[], metavar="PROVIDER",
+                    help="leave these providers out (e.g. torch-compile)")
+    ap.add_argument("--predicted", metavar="ROOFLINE_CSV", default=None,
+                    help="the static model's table: print predicted times next to measured")
     ap.add_argument("--repeats", type=int, default=2, help="timed runs per point (CPU)")
     ap.add_argument("--out", default=os.path.join("bench", "out"))
     ap.add_argument("--no-plot", action="store_true")
@@ -106,7 +114,8 @@ def parse(argv=None):
     cfg["V"] = cfg["V"] or ([32000, 128256, 262144] if gpu else [8192, 32768])
     cfg["D"] = cfg["D"] or (4096 if gpu else 256)
     cfg["pairs"] = cfg["pairs"] or 4
-    cfg["providers"] = cfg["providers"] or cases.PROVIDERS[cfg["op"]](cfg["device"])
+    cfg["providers"] = [p for p in cfg["providers"] or cases.PROVIDERS[cfg["op"]](cfg["device"])
+                        if p not in args.exclude]
     return args, cfg
 
 
@@ -137,42 +146,73 @@ def main(argv=None) -> int:
     print(header, flush=True)
     sizes = [(n, v) for n in cfg["N"] for v in (cfg["V"] if cfg["op"] != "feature" else [0])]
     points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
+    model = load_model(args.predicted)
     rows = []
     t_start = time.time()
-    for i, (prov, n, v) in enumerate(points, 1):
-        spec = dict(op=cfg["op"], provider=prov, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
-                    pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
-                    divergence=cfg["divergence"], temperature=args.temperature,
-                    hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
-                    repeats=args.repeats)
-        print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
-        if args.budget is not None and time.time() - t_start > args.budget:
-            r = {"error": f"skipped: time budget of {args.budget:.0f}s spent"}
-        else:
-            r = run_point(spec)
-        r.update(provider=prov, N=n, V=v)
-        rows.append(r)
-        msg = r.get("error") or (f"{r['time_s'] * 1e3:9.2f} ms  "
-                                 f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB extra")
-        print(f"{msg}  ({time.time() - t_start:.0f}s)", flush=True)
+    with open(os.path.join(args.out, "results.csv"), "w", newline="") as out:
+        writer = start_csv(out, env, cfg, ceiling)
+        for i, (prov, n, v) in enumerate(points, 1):
+            spec = dict(op=cfg["op"], provider=prov, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
+                        pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
+                        divergence=cfg["divergence"], temperature=args.temperature,
+                        hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
+                        repeats=args.repeats)
+            print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
+            if args.budget is not None and time.time() - t_start > args.budget:
+                r = {"error": f"skipped: time budget of {args.budget:.0f}s spent"}
+            else:
+                r = run_point(spec)
+            r.update(provider=prov, N=n, V=v)
+            add_prediction(r, model, cfg)
+            rows.append(r)
+            writer.writerow(csv_row(r, cfg))
+            out.flush()
+            msg = r.get("error") or (f"{r['time_s'] * 1e3:9.2f} ms  "
+                                     f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB extra")
+            if r.get("predicted_ms"):
+                msg += f"  (predicted {r['predicted_ms']:.2f} ms)"
+            print(f"{msg}  ({time.time() - t_start:.0f}s)", flush=True)
     table = format_table(rows, ceiling, cfg)
     print(header)
     print(table)
-    write_csv(rows, env, cfg, ceiling, os.path.join(args.out, "results.csv"))
     if not args.no_plot:
         for path in plot(rows, env, cfg, args.out):
             print(f"plot: {path}")
     return 0
 
 
+def load_model(path):
+    """Rows of a roofline CSV, or None."""
+    if not path:
+        return None
+    try:
+        from fastdistill.bench import roofline
+        return roofline.read_csv(path)
+    except OSError as e:
+        print(f"no predictions: cannot read {path} ({e})", file=sys.stderr)
+        return None
+
+
+def add_prediction(r, model, cfg):
+    """predicted_ms and measured / predicted for a fastdistill point the model covers."""
+    if not model or "error" in r:
+        return
+    from fastdistill.bench import roofline
+    p = roofline.predicted_for(model, cfg["op"], r["provider"], cfg["divergence"], cfg["dtype"],
+                               r["N"], r["V"])
+    if p is not None:
+        r["predicted_ms"] = p["predicted_ms"]
+        r["measured_over_predicted"] = r["time_s"] * 1e3 / p["predicted_ms"]
+
+
 def format_table(rows, ceiling, cfg) -> str:
     base = {(r["N"], r["V"]): r for r in rows if r["provider"] == "torch-eager" and "error" not in r}
-    lines = [f"| provider | N | V | time (ms) | peak extra (MiB) | achieved | vs torch-eager "
-             f"time / memory |", "| --- | --- | --- | --- | --- | --- | --- |"]
+    lines = ["| provider | N | V | time (ms) | peak extra (MiB) | achieved | vs torch-eager "
+             "time / memory | predicted (ms) |", "| --- | --- | --- | --- | --- | --- | --- | --- |"]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | error: {r['error'][:60]} "
-                         "| | | |")
+                         "| | | | |")
             continue
         t = r["time_s"]
         if r.get("flops"):
@@ -185,19 +225,32 @@ def format_table(rows, ceiling, cfg) -> str:
         if b is not None:
             mem = 100 * r["peak_extra_bytes"] / max(b["peak_extra_bytes"], 1)
             rel = f"{100 * t / b['time_s']:.1f}% / {mem:.2f}%"
+        pred = f"{r['predicted_ms']:.2f} (x{r['measured_over_predicted']:.2f})" \
+            if r.get("predicted_ms") else ""
         lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | {t * 1e3:.2f} | "
-                     f"{r['peak_extra_bytes'] / 2**20:.1f} | {ach} | {rel} |")
+                     f"{r['peak_extra_bytes'] / 2**20:.1f} | {ach} | {rel} | {pred} |")
     return "\n".join(lines)
 
 
-def write_csv(rows, env, cfg, ceiling, path):
-    keys = ["provider", "N", "V", "time_s", "peak_extra_bytes", "bytes_moved", "flops", "error"]
-    with open(path, "w", newline="") as f:
-        f.write(f"# {env} op={cfg['op']} dtype={cfg['dtype']} copy_bandwidth={ceiling:.4g}\n")
-        w = csv.DictWriter(f, fieldnames=keys, extrasaction="ignore")
-        w.writeheader()
-        for r in rows:
-            w.writerow(r)
+CSV_KEYS = ["op", "provider", "divergence", "dtype", "N", "V", "D", "hard_weight", "time_s",
+            "peak_extra_bytes", "bytes_moved", "flops", "predicted_ms",
+            "measured_over_predicted", "error"]
+
+
+def start_csv(f, env, cfg, ceiling):
+    """Writes the comment line and the header; returns the writer for one row per point."""
+    f.write(f"# {env} op={cfg['op']} dtype={cfg['dtype']} copy_bandwidth={ceiling:.4g}\n")
+    w = csv.DictWriter(f, fieldnames=CSV_KEYS, extrasaction="ignore")
+    w.writeheader()
+    f.flush()
+    return w
+
+
+def csv_row(r, cfg):
+    row = dict(r, op=cfg["op"], divergence=cfg["divergence"] if cfg["op"] != "feature" else
+               "mse", dtype=cfg["dtype"], D=cfg["D"] if cfg["op"] != "distill" else "",
+               hard_weight=cfg["hard_weight"])
+    return {k: row.get(k, "") for k in CSV_KEYS}
 
 
 def plot(rows, env, cfg, out):

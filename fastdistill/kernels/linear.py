@@ -25,7 +25,7 @@ import torch
 import triton
 import triton.language as tl
 
-from fastdistill.kernels import interpreting
+from fastdistill.kernels import interpreting, multiprocessor_count
 from fastdistill.kernels.distill import (_empty_state, _grad_undefined, _lse_merge, _merge,
                                         _pass1_divergence, _pass2_terms, _rescale, _soft_grad,
                                         _tile_stats)
@@ -230,19 +230,25 @@ def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride,
-    inv_t, s_scale, t_scale, s_cap, t_cap, beta, soft_scale, hard_weight,
+    inv_t, s_scale, t_scale, s_cap, t_cap, beta, soft_scale, hard_weight, ignore_index,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SAME_LSE: tl.constexpr,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
     T_CAP: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """G[r, j - c0] = d loss / d (h_s w_s^T + b_s)[r, j] for columns j in [c0, c0 + c_width),
-    times the per-row factor rowf (grad_output x reduction scale, 0 for ignored rows: those rows
-    get exact zeros, whatever their statistics). NaN in rows without distributions or with an
-    infinite reverse KL (divergence.h)."""
+    times the per-row factor rowf (grad_output x reduction scale). Ignored rows get exact
+    zeros: they are masked, not multiplied by 0 (their statistics may be NaN, e.g. an all -inf
+    padding row of teacher logits, and 0 x NaN would reach grad_weight through the GEMM). NaN
+    in counted rows without distributions or with an infinite reverse KL (divergence.h)."""
     rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
+    keep = row_in
+    label = tl.full([BLOCK_M], -1, dtype=tl.int64)
+    if HAS_LABELS:
+        label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
+        keep = row_in & (label != ignore_index)
     S, T, th = _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows, cols,
                             N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride,
                             tlog_stride, s_scale, t_scale, s_cap, t_cap, HAS_SB, HAS_TB, DENSE_T,
@@ -258,7 +264,6 @@ def linear_grad_kernel(
     g = (f * soft_scale * inv_t)[:, None] * \
         _soft_grad(lq, (T * inv_t - m_t[:, None]) - ld_t[:, None], beta, aux[:, None], DIV)
     if HARD:
-        label = tl.load(labels_ptr + rows, mask=row_in, other=-1)
         if SAME_LSE:
             q1 = tl.exp(lq)
         else:
@@ -274,8 +279,7 @@ def linear_grad_kernel(
     ok = (tl.abs(ld_s) < float("inf")) & (tl.abs(ld_t) < float("inf"))
     ok = ok & (_grad_undefined(aux, DIV) == 0)
     g = tl.where(ok[:, None], g, float("nan"))
-    # rows that do not count (factor 0, or past N) and columns past V are exactly 0
-    g = tl.where((cols < V)[None, :] & (row_in & (f != 0.0))[:, None], g, 0.0)
+    g = tl.where((cols < V)[None, :] & keep[:, None], g, 0.0)
     out = g_ptr + rows[:, None].to(tl.int64) * g_stride + (cols - c0)[None, :]
     tl.store(out, g.to(g_ptr.dtype.element_ty),
              mask=row_in[:, None] & ((cols - c0) < c_width)[None, :])
@@ -364,7 +368,7 @@ def forward_stats(P: _Problem):
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
     n_rb = triton.cdiv(P.N, BM)
-    sm = torch.cuda.get_device_properties(dev).multi_processor_count if dev.type == "cuda" else 4
+    sm = multiprocessor_count(dev)
     n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
     cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
     n_splits = triton.cdiv(P.V, cols_per_split)
@@ -412,5 +416,5 @@ def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
         *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
         P.N, P.V, P.Ds, P.Dt, *P.strides(), inv_t, s_scale, t_scale, s_cap, t_cap, beta,
-        o.soft_scale, o.hard_weight,
+        o.soft_scale, o.hard_weight, o.ignore_index,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())

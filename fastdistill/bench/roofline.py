@@ -1,0 +1,838 @@
+"""Static performance model: H200 time of every kernel and benchmark preset, read from the
+compiled code, with no GPU.
+
+    python -m fastdistill.bench.roofline [--csv PATH] [--arch 90] [--show-loop KERNEL]
+                                         [--calibrate results.csv ...] [--jobs N]
+
+It compiles every Triton kernel for the target (fastdistill.bench.aot: the specs come from the
+launchers themselves) and reads the CUDA kernels of the built extension, parses their SASS
+(fastdistill.bench.sass: basic blocks, loops from the backward branches, the steady-state path
+of each loop), and for each kernel x divergence x dtype reports
+
+- instructions per element of every streaming loop: the loop body's instructions on its
+  steady-state path divided by the elements one thread handles per iteration (Triton: the tile
+  constexprs / threads; CUDA: the bytes the path loads / the bytes an element needs; the two
+  agree for the Triton kernels, which tests/test_roofline.py checks), summed over the passes;
+- MUFU operations per element (MUFU.EX2, LG2, RCP, RSQ, ...), barriers (BAR) and shuffles (SHFL)
+  per tile, the widest global load (LDG.E.128, cp.async LDGSTS, TMA UTMALDG), registers, spills,
+  CTAs and warps per SM (occupancy from registers, threads and shared memory);
+- HBM bytes by construction (passes x bytes per element, per kernel below);
+- for the fused linear kernels the warpgroup MMA shape (e.g. HGMMA.64x32x16) and the K-loop.
+
+Predicted time of a kernel = max(memory bound, issue bound, MUFU bound[, GEMM bound]):
+
+- memory: HBM bytes / 4.3 TB/s, the copy bandwidth of an H200 (about 90% of the 4.8 TB/s of the
+  datasheet; a device-to-device copy on H100-class HBM reaches about 93% of its peak). A
+  re-read of a row (the later passes) counts as HBM traffic when the rows the resident programs
+  stream do not fit in the 50 MB L2 together, as L2 traffic (free) otherwise;
+- issue: warp instructions / (132 SMs x 4 schedulers x 1 instruction per clock x 1.83 GHz).
+  1.83 GHz is the clock at which NVIDIA's dense tensor peak of the H100/H200 SXM (989.4 TFLOP/s
+  = 132 SMs x 4096 FLOP/clk x 1.83 GHz) is stated;
+- MUFU: MUFU operations / (16 per clock per SM x 132 SMs x 1.83 GHz); 16 results per clock per
+  SM for exp2 / log2 / reciprocal / rsqrt is the rate of compute capability 8.x and 9.0 in the
+  CUDA C++ Programming Guide (arithmetic instruction throughput table);
+- GEMM (fused linear): FLOPs / 790 TFLOP/s, the rate cuBLAS reaches on large bf16 GEMMs of an
+  H100/H200 SXM (about 80% of the 989.4 TFLOP/s dense peak), also the rate of the GEMM floor.
+
+Floors: logit level and features, one read of every input and one write of the gradient at the
+copy bandwidth; fused linear, 2 N V (3 Ds + Dt) FLOPs (the forward's two GEMMs and the
+backward's two, no recompute) at 790 TFLOP/s. ratio = predicted / floor.
+
+HBM bytes by construction (E = bytes per element, V columns, N rows):
+  distill_kernel   N V (passes (E_s + E_t) + E_s): passes 2 (forward / reverse KL), 3 (jsd, skew,
+                   tvd); 1 when the resident rows fit in L2 (they do not at V >= 50k)
+  feature_kernel   rows D (E_s + E_t + E_s) (one tile in registers); wider rows stream 2 or 3
+                   passes, the later ones from L2 when the resident rows fit
+  scale_rows       N W 2 E (read and write; nothing when the factor is 1)
+  linear_stats     per tile of BLOCK_M x BLOCK_N logits, the hidden blocks of its rows (BLOCK_M x
+                   (Ds + Dt)) and the weight blocks (BLOCK_N x (Ds + Dt)); the weight blocks are
+                   shared by the row blocks running at the same time (from L2), the hidden blocks
+                   are re-read per tile, from HBM when the resident programs' hidden blocks do
+                   not fit in L2
+  linear_grad      the same per tile, hidden re-read per column block unless all N hidden rows
+                   fit in L2; plus the [N, chunk] gradient written
+  cuBLAS (backward of the fused linear) reads the staged gradient twice; its GEMMs at 790 TF
+
+What it ignores: launch overheads and tails (partial waves), instruction latencies and
+dependency stalls (the issue bound assumes a ready warp on every scheduler every clock; the
+report gives the resident warps per scheduler, fewer than ~4 makes it optimistic), the latency
+of loads that are not prefetched (bytes in flight per SM are reported; Little's law needs about
+4.3 TB/s x ~0.6 us / 132 = ~20 KB per SM), dual issue, shared-memory bank conflicts, L2
+bandwidth, the tensor-core rate of Triton's own wgmma tiles (taken as cuBLAS's), and overlap
+between kernels. The CUDA kernels' run-time branches (teacher dtype, feature kind) are not
+correlated by the path search (see fastdistill.bench.sass). A GPU run calibrates it:
+``--calibrate results.csv`` (the bench CSVs) prints measured / predicted per kernel family.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import datetime
+import math
+import os
+import re
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+from fastdistill.bench import sass as S
+
+# ---- the machines -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Machine:
+    name: str
+    arch: int
+    sms: int
+    clock_hz: float
+    hbm_bytes_s: float          # achievable copy bandwidth
+    gemm_flops_s: float         # achievable dense bf16 GEMM rate (cuBLAS)
+    l2_bytes: int
+    smem_per_sm: int
+    schedulers: int = 4
+    mufu_per_clk_sm: int = 16   # CUDA C++ Programming Guide, arithmetic instruction throughput
+    regs_per_sm: int = 65536
+    max_threads_sm: int = 2048
+    max_ctas_sm: int = 32
+
+    @property
+    def issue_per_s(self) -> float:
+        return self.sms * self.schedulers * self.clock_hz
+
+    @property
+    def mufu_per_s(self) -> float:
+        return self.sms * self.mufu_per_clk_sm * self.clock_hz
+
+
+H200 = Machine("H200 SXM", 90, sms=132, clock_hz=1.83e9, hbm_bytes_s=4.3e12,
+               gemm_flops_s=790e12, l2_bytes=50 << 20, smem_per_sm=228 << 10)
+# A100 SXM 80 GB: 108 SMs, 1.41 GHz, 2.04 TB/s HBM2e (about 85% on a copy), 312 TFLOP/s dense
+# bf16 (80% of it for cuBLAS), 40 MB L2, 164 KB shared memory per SM
+A100 = Machine("A100 SXM", 80, sms=108, clock_hz=1.41e9, hbm_bytes_s=1.73e12,
+               gemm_flops_s=250e12, l2_bytes=40 << 20, smem_per_sm=164 << 10)
+MACHINES = {90: H200, 80: A100}
+
+# ---- the presets (fastdistill/bench/__main__.py) -----------------------------------------------
+
+N_TOKENS = 8192
+LOGIT_VOCABS = (50257, 128256, 151936, 256000)   # GPT-2, Llama-3, Qwen2, Gemma
+LINEAR_V, LINEAR_D = 128256, 4096
+FEATURE_D, FEATURE_PAIRS = 4096, 4
+TWO_PASS = ("forward_kl", "reverse_kl", "symmetric_kl")
+ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
+DTYPES = ("bf16", "fp32")
+
+# ---- per-kernel analysis ----------------------------------------------------------------------
+
+
+@dataclass
+class LoopInfo:
+    start: int
+    end: int
+    instr: int                 # on the steady-state path, nested loops excluded
+    instr_static: int          # every instruction of the body, nested loops excluded
+    mufu: Dict[str, int]
+    barriers: int
+    shuffles: int
+    load_bits: int
+    store_bits: int
+    widest_load: str
+    mma: Dict[str, int]
+    depth: int
+    elems: float = 0.0         # elements per thread per iteration (streaming loops)
+    elems_from_loads: float = 0.0
+    kind: str = ""             # stream (a pass over the row), tile (over logit tiles), k (GEMM)
+
+    @property
+    def mufu_total(self) -> int:
+        return sum(self.mufu.values())
+
+
+@dataclass
+class Analysis:
+    rec: Dict[str, Any] = field(repr=False)
+    name: str
+    backend: str
+    kernel: str
+    op: str
+    dtype: str
+    divergence: str
+    variant: str
+    arch: int
+    threads: int
+    regs: int
+    spill: int                  # local + stack bytes
+    shared: int
+    loops: List[LoopInfo]
+    body: LoopInfo              # the path outside every loop (one per program)
+    body_elems: float           # elements per thread of a loop-free program (0: has loops)
+    ctas_per_sm: int = 0
+
+    @property
+    def streams(self) -> List[LoopInfo]:
+        return [lp for lp in self.loops if lp.kind in ("stream", "tile")]
+
+    @property
+    def kloops(self) -> List[LoopInfo]:
+        return [lp for lp in self.loops if lp.kind == "k"]
+
+    @property
+    def per_elem(self) -> List[Tuple[float, float]]:
+        """(instructions, MUFU ops) per element of each streaming pass (loop-free kernels: the
+        program's path)."""
+        if self.streams:
+            return [(lp.instr / lp.elems, lp.mufu_total / lp.elems) for lp in self.streams]
+        if self.body_elems:
+            return [(self.body.instr / self.body_elems, self.body.mufu_total / self.body_elems)]
+        return []
+
+    @property
+    def instr_per_elem(self) -> float:
+        return sum(i for i, _ in self.per_elem)
+
+    @property
+    def mufu_per_elem(self) -> float:
+        return sum(m for _, m in self.per_elem)
+
+    @property
+    def main(self) -> LoopInfo:
+        """The streaming loop with the most instructions (or the loop-free body)."""
+        return max(self.streams, key=lambda lp: lp.instr) if self.streams else self.body
+
+    @property
+    def mma_shape(self) -> str:
+        shapes = set()
+        for lp in self.kloops:
+            shapes |= set(lp.mma)
+        return " ".join(sorted(shapes))
+
+    @property
+    def load_width(self) -> str:
+        """The widest global load of the streaming paths (K-loops included)."""
+        ops = [lp.widest_load for lp in self.streams + self.kloops + [self.body]
+               if lp.widest_load]
+        return max(ops, key=lambda op: S.global_load_width(S.Instr(0, op, None, op)),
+                   default="")
+
+    @property
+    def warps_per_sm(self) -> int:
+        return self.ctas_per_sm * math.ceil(self.threads / 32)
+
+
+def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int) -> LoopInfo:
+    path = cfg.steady_path(loop)
+    inner = cfg.inner_blocks(loop)
+    c = S.count(cfg.path_instrs(path, inner))
+    blocks = loop.body if loop is not None else range(len(cfg.blocks))
+    static = sum(len(cfg.block_instrs(b)) for b in blocks if b not in inner)
+    start, end = cfg.loop_range(loop) if loop is not None else (0, cfg.ins[-1].addr)
+    return LoopInfo(start, end, c.instr, static, c.mufu, c.barriers, c.shuffles, c.load_bits,
+                    c.store_bits, c.widest_load, c.mma, depth)
+
+
+def stream_bytes_per_elem(op: str, dtype: str) -> int:
+    """Bytes a streaming pass reads per element, by construction: the student and the teacher
+    (logits or features, same dtype in the presets); the scale kernel reads the gradient."""
+    e = ESIZE[dtype]
+    return e if op == "scale" else 2 * e
+
+
+def _tile(rec) -> int:
+    """Elements of one tile of a Triton kernel (its tile constexprs)."""
+    c = rec.get("constexprs", {})
+    if "BLOCK_M" in c and "BLOCK_N" in c:
+        return c["BLOCK_M"] * c["BLOCK_N"]
+    return c.get("BLOCK", 0)
+
+
+def _occupancy(m: Machine, regs: int, threads: int, shared: int) -> int:
+    warps = math.ceil(threads / 32)
+    per_warp = math.ceil(max(regs, 1) * 32 / 256) * 256      # allocated in units of 256
+    by_regs = m.regs_per_sm // (per_warp * warps)
+    by_threads = m.max_threads_sm // (warps * 32)
+    by_smem = (m.smem_per_sm // (shared + 1024)) if shared else m.max_ctas_sm
+    return max(0, min(by_regs, by_threads, by_smem, m.max_ctas_sm))
+
+
+def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = None) -> Analysis:
+    """The loops, counts and occupancy of one compiled kernel (an aot record)."""
+    cfg = S.CFG(rec["sass"])
+    infos = []
+    for lp in cfg.loops:
+        depth, p = 0, lp.parent
+        while p is not None:
+            depth, p = depth + 1, cfg.loops[p].parent
+        infos.append((lp, _info(cfg, lp, depth)))
+    body = _info(cfg, None, 0)
+    op, dtype = rec["op"], rec["dtype"]
+    threads = threads or rec.get("threads") or 32 * rec.get("num_warps", 4)
+    loops = []
+    per_elem = stream_bytes_per_elem(op, dtype)
+    for lp, info in infos:
+        if info.mma:
+            info.kind = "k"
+        elif lp.children and any(infos[k][1].mma for k in lp.children):
+            info.kind = "tile"
+        elif info.load_bits and op != "linear":
+            info.kind = "stream"
+        else:
+            info.kind = "other"          # zero-fill of ignored rows, split merges, ...
+        if info.kind == "stream":
+            info.elems_from_loads = info.load_bits / 8 / per_elem
+        if info.kind in ("stream", "tile"):
+            tile = _tile(rec)
+            info.elems = tile / threads if tile and rec["backend"] == "triton" \
+                else info.elems_from_loads
+        loops.append(info)
+    body_elems = 0.0
+    if not any(lp.kind in ("stream", "tile") for lp in loops):
+        tile = _tile(rec)
+        if rec["backend"] == "triton" and tile:
+            body_elems = tile / threads
+        elif body.load_bits:
+            body_elems = (body.load_bits - _scalar_bits(cfg)) / 8 / per_elem
+        body.elems_from_loads = body.load_bits / 8 / per_elem if op != "linear" else 0.0
+    a = Analysis(rec, rec["name"], rec["backend"], rec["kernel"], op, dtype, rec["divergence"],
+                 rec.get("variant", ""), rec["arch"], threads, rec["reg"],
+                 rec["local"] + rec["stack"], rec.get("shared", 0), loops, body, body_elems)
+    a.ctas_per_sm = _occupancy(m, a.regs, threads, a.shared)
+    return a
+
+
+def _scalar_bits(cfg: S.CFG) -> int:
+    """Bits of the narrower loads on the loop-free path (a factor, a mask byte): not elements."""
+    path = cfg.steady_path(None)
+    xs = cfg.path_instrs(path, cfg.inner_blocks(None))
+    widest = max((S.global_load_width(x) for x in xs), default=0)
+    return sum(w for w in (S.global_load_width(x) for x in xs) if 0 < w < widest)
+
+
+# ---- CUDA kernels: names, launch configurations ------------------------------------------------
+
+_DT = {0: "fp32", 1: "fp16", 2: "bf16"}
+
+
+def cuda_records(arch: int) -> List[Dict[str, Any]]:
+    """The extension's kernels for `arch`, labelled like the Triton records. The template
+    arguments name the variant: distill_kernel<student dtype, divergence>, feature_kernel<dtype,
+    row in registers>, scale_rows_kernel<dtype>; threads per block are the kernels'
+    __launch_bounds__ (EIATTR_MAX_THREADS), except the feature kernel with the row in registers,
+    whose launcher sizes the block to the row (D / elements per thread)."""
+    from fastdistill.bench import aot
+    from fastdistill.divergences import DIVERGENCE_CODES
+    names = {v: k for k, v in DIVERGENCE_CODES.items()}
+    out = []
+    for r in aot.extension_kernels():
+        if r["arch"] != arch:
+            continue
+        f = r["name"]
+        m = re.search(r"distill_kernelILi(\d)ELi(\d)E", f)
+        if m:
+            rec = dict(r, kernel="distill_kernel", op="distill", dtype=_DT[int(m.group(1))],
+                       divergence=names[int(m.group(2))], variant="bench")
+        elif re.search(r"feature_kernelILi(\d)ELb([01])E", f):
+            m = re.search(r"feature_kernelILi(\d)ELb([01])E", f)
+            rec = dict(r, kernel="feature_kernel", op="feature", dtype=_DT[int(m.group(1))],
+                       divergence="mse", variant="onetile" if m.group(2) == "1" else "tiled")
+        elif re.search(r"scale_rows_kernelILi(\d)E", f):
+            m = re.search(r"scale_rows_kernelILi(\d)E", f)
+            rec = dict(r, kernel="scale_rows_kernel", op="scale", dtype=_DT[int(m.group(1))],
+                       divergence="-", variant="bench")
+        else:
+            continue
+        rec["name"] = f"cuda:{rec['kernel']}[{rec['divergence']},{rec['dtype']},{rec['variant']}]"
+        rec["mangled"] = f
+        rec["threads"] = r.get("max_threads") or 256
+        out.append(rec)
+    return out
+
+
+# ---- time of a preset -------------------------------------------------------------------------
+
+
+@dataclass
+class Estimate:
+    """Bounds of one kernel, or (with parts) of kernels run one after another."""
+    mem_s: float = 0.0
+    issue_s: float = 0.0
+    mufu_s: float = 0.0
+    gemm_s: float = 0.0
+    hbm_bytes: float = 0.0
+    warp_instr: float = 0.0
+    mufu_ops: float = 0.0
+    flops: float = 0.0
+    parts: List["Estimate"] = field(default_factory=list)
+
+    @property
+    def time_s(self) -> float:
+        if self.parts:
+            return sum(p.time_s for p in self.parts)
+        return max(self.mem_s, self.issue_s, self.mufu_s, self.gemm_s)
+
+    @property
+    def bound(self) -> str:
+        if self.parts:
+            return max(self.parts, key=lambda p: p.time_s).bound
+        t = {"memory": self.mem_s, "issue": self.issue_s, "mufu": self.mufu_s,
+             "gemm": self.gemm_s}
+        return max(t, key=t.get)
+
+
+def sequence(parts: Sequence[Estimate]) -> Estimate:
+    """Kernels one after another: each bounded on its own, the times add."""
+    e = Estimate(parts=list(parts))
+    for p in parts:
+        e.mem_s += p.mem_s
+        e.issue_s += p.issue_s
+        e.mufu_s += p.mufu_s
+        e.gemm_s += p.gemm_s
+        e.hbm_bytes += p.hbm_bytes
+        e.warp_instr += p.warp_instr
+        e.mufu_ops += p.mufu_ops
+        e.flops += p.flops
+    return e
+
+
+def _finish(m: Machine, hbm: float, warp_instr: float, mufu: float, flops: float = 0.0):
+    return Estimate(mem_s=hbm / m.hbm_bytes_s, issue_s=warp_instr / m.issue_per_s,
+                    mufu_s=mufu / m.mufu_per_s, gemm_s=flops / m.gemm_flops_s, hbm_bytes=hbm,
+                    warp_instr=warp_instr, mufu_ops=mufu, flops=flops)
+
+
+def _rows_stream(m: Machine, a: Analysis, programs: int, width: int, passes: int,
+                 e_read: int, e_write: int) -> Estimate:
+    """One program per row of `width` elements; the streaming loops run ceil(width / tile)
+    times. HBM: the first pass reads the row, the later ones re-read it (from L2 when the
+    resident programs' rows fit), the gradient is written once."""
+    warps = math.ceil(a.threads / 32)
+    per_thread, mufu = a.body.instr, a.body.mufu_total
+    for lp in a.streams:
+        trips = math.ceil(width / (lp.elems * a.threads))
+        per_thread += trips * lp.instr
+        mufu += trips * lp.mufu_total
+    resident = max(1, a.ctas_per_sm) * m.sms
+    rereads = passes - 1 if resident * width * e_read > m.l2_bytes else 0
+    hbm = programs * width * ((1 + rereads) * e_read + e_write)
+    return _finish(m, hbm, programs * warps * per_thread, programs * a.threads * mufu)
+
+
+def estimate_distill(m: Machine, a: Analysis, N: int, V: int) -> Estimate:
+    e = ESIZE[a.dtype]
+    passes = 2 if a.divergence in TWO_PASS else 3
+    return _rows_stream(m, a, N, V, passes, 2 * e, e)
+
+
+def size_cuda_feature_block(m: Machine, a: Analysis, D: int) -> None:
+    """The CUDA feature kernel with the row in registers runs D / (elements per thread)
+    threads (its launcher sizes the block to the row)."""
+    if a.backend == "cuda" and a.variant == "onetile" and a.body_elems:
+        a.threads = int(math.ceil(D / a.body_elems / 32) * 32)
+        a.ctas_per_sm = _occupancy(m, a.regs, a.threads, a.shared)
+
+
+def estimate_feature(m: Machine, a: Analysis, rows: int, D: int) -> Estimate:
+    e = ESIZE[a.dtype]
+    if not a.streams:  # the row in registers: the loop-free path once per program
+        return _finish(m, rows * D * 3 * e, rows * math.ceil(a.threads / 32) * a.body.instr,
+                       rows * a.threads * a.body.mufu_total)
+    passes = 3 if a.divergence == "normalized_mse" else 2
+    return _rows_stream(m, a, rows, D, passes, 2 * e, e)
+
+
+def estimate_scale(m: Machine, a: Analysis, N: int, W: int) -> Estimate:
+    e = ESIZE[a.dtype]
+    per_program = a.body_elems * a.threads
+    programs = N * math.ceil(W / per_program)
+    return _finish(m, N * W * 2 * e, programs * math.ceil(a.threads / 32) * a.body.instr,
+                   programs * a.threads * a.body.mufu_total)
+
+
+def _gemm_tiles(m: Machine, a: Analysis, N: int, V: int, D: Tuple[int, int],
+                hidden_reread_private: bool) -> Estimate:
+    """A fused GEMM kernel over [N, V] logit tiles of BLOCK_M x BLOCK_N with K-loops over Ds and
+    Dt (student and teacher)."""
+    c = a.rec["constexprs"]
+    BM, BN, BK = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    e = ESIZE[a.dtype]
+    tiles = math.ceil(N / BM) * math.ceil(V / BN)
+    warps = math.ceil(a.threads / 32)
+    ks = a.kloops
+    # each K-loop runs over one hidden size (student, then teacher)
+    k_instr = sum(lp.instr * math.ceil(d / BK) for lp, d in zip(ks, D))
+    tile_epi = (a.streams[0].instr if a.streams else a.body.instr)
+    per_tile = tile_epi + k_instr
+    mufu_tile = (a.streams[0].mufu_total if a.streams else a.body.mufu_total)
+    programs = a.rec["grid"][0] * (a.rec["grid"][1] if len(a.rec["grid"]) > 1 else 1)
+    warp_instr = tiles * warps * per_tile + (programs * warps * a.body.instr if a.streams else 0)
+    Dsum = sum(D[:len(ks)])
+    resident = max(1, a.ctas_per_sm) * m.sms
+    if hidden_reread_private:
+        # linear_stats: a program re-reads its hidden rows for every tile of its split; they
+        # stay in L2 only if the resident programs' hidden blocks fit in half of it
+        fits = resident * BM * Dsum * e <= m.l2_bytes // 2
+        hidden = (programs if fits else tiles) * BM * Dsum * e
+    else:
+        # linear_grad: every column block re-reads all N hidden rows, from L2 if they fit
+        fits = N * Dsum * e <= m.l2_bytes // 2
+        hidden = (N * Dsum * e) * (1 if fits else math.ceil(V / BN))
+    # the weight blocks of one column range are read by the row blocks running at the same
+    # time (the grid's first axis runs over row blocks): once from HBM
+    weights = V * Dsum * e
+    flops = 2.0 * N * V * Dsum
+    return _finish(m, hidden + weights, warp_instr, tiles * a.threads * mufu_tile, flops)
+
+
+def estimate_linear(m: Machine, kernels: Dict[str, Analysis], N: int, V: int, Ds: int,
+                    Dt: int) -> Tuple[Estimate, Dict[str, Estimate]]:
+    """The fused mode of linear_distill_loss, forward + backward: statistics sweep(s), the
+    split merge, the gradient tiles and the backward's two cuBLAS GEMMs per chunk."""
+    e = 2
+    parts: Dict[str, Estimate] = {}
+    splits = max([a.rec["grid"][1] for a in kernels.values()
+                  if a.kernel == "linear_stats_kernel"] or [1])
+    for name, a in kernels.items():
+        if a.kernel == "linear_stats_kernel":
+            parts[name] = _gemm_tiles(m, a, N, V, (Ds, Dt), True)
+        elif a.kernel == "linear_grad_kernel":
+            est = _gemm_tiles(m, a, N, V, (Ds, Dt), False)
+            g = N * V * e  # the staged gradient, written
+            parts[name] = _finish(m, est.hbm_bytes + g, est.warp_instr, est.mufu_ops, est.flops)
+        elif a.kernel == "linear_finish_kernel":
+            programs = math.ceil(N / a.rec["constexprs"]["BLOCK_M"])
+            per_thread = a.body.instr + splits * sum(lp.instr for lp in a.loops)
+            parts[name] = _finish(m, N * splits * 8 * 4 + N * 8 * 4 * 2,
+                                  programs * math.ceil(a.threads / 32) * per_thread, 0)
+    # backward GEMMs (cuBLAS): grad_hidden += G W, grad_weight = G^T H; G read twice, W and H
+    # read, grad_weight written in float32, grad_hidden accumulated in float32
+    flops = 2.0 * (2.0 * N * V * Ds)
+    hbm = 2 * N * V * e + V * Ds * (e + 4) + N * Ds * (e + 4 * 2)
+    parts["cublas: grad_hidden + grad_weight"] = _finish(m, hbm, 0, 0, flops)
+    return sequence(list(parts.values())), parts
+
+
+def gemm_floor_s(m: Machine, N: int, V: int, Ds: int, Dt: int) -> float:
+    return 2.0 * N * V * (3 * Ds + Dt) / m.gemm_flops_s
+
+
+# ---- the table --------------------------------------------------------------------------------
+
+COLUMNS = ["kernel", "backend", "divergence", "dtype", "N", "V", "D", "instr_per_elem",
+           "mufu_per_elem", "hbm_bytes", "predicted_ms", "floor_ms", "ratio"]
+EXTRA = ["preset", "arch", "bound", "mem_ms", "issue_ms", "mufu_ms", "gemm_ms", "regs",
+         "spill_bytes", "threads", "ctas_per_sm", "warps_per_sm", "load_width",
+         "barriers_per_tile", "shuffles_per_tile", "elems_per_thread_iter", "mma", "passes",
+         "variant", "name"]
+
+
+def _row(a: Optional[Analysis], est: Estimate, floor_s: float, **kw) -> Dict[str, Any]:
+    t = est.time_s
+    row = dict(kw)
+    row.update(hbm_bytes=int(est.hbm_bytes), predicted_ms=round(t * 1e3, 4),
+               floor_ms=round(floor_s * 1e3, 4) if floor_s else "",
+               ratio=round(t / floor_s, 3) if floor_s else "",
+               bound=est.bound, mem_ms=round(est.mem_s * 1e3, 4),
+               issue_ms=round(est.issue_s * 1e3, 4), mufu_ms=round(est.mufu_s * 1e3, 4),
+               gemm_ms=round(est.gemm_s * 1e3, 4))
+    if a is not None:
+        main = a.main
+        tile = a.streams or [a.body]
+        row.setdefault("instr_per_elem", round(a.instr_per_elem, 2) if a.per_elem else "")
+        row.setdefault("mufu_per_elem", round(a.mufu_per_elem, 3) if a.per_elem else "")
+        row.update(arch=a.arch, regs=a.regs, spill_bytes=a.spill, threads=a.threads,
+                   ctas_per_sm=a.ctas_per_sm, warps_per_sm=a.warps_per_sm,
+                   load_width=a.load_width,
+                   barriers_per_tile=sum(lp.barriers for lp in tile),
+                   shuffles_per_tile=sum(lp.shuffles for lp in tile),
+                   elems_per_thread_iter=round(main.elems or a.body_elems, 3),
+                   mma=a.mma_shape, passes=len(a.streams), variant=a.variant, name=a.name)
+    return row
+
+
+def build_table(analyses: Sequence[Analysis], m: Machine = H200) -> List[Dict[str, Any]]:
+    rows = []
+    by = {}
+    for a in analyses:
+        by.setdefault((a.op, a.backend), []).append(a)
+    # logit level: every V of the presets, both dtypes, every divergence
+    for a in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
+                    key=lambda a: (a.backend, a.dtype, a.divergence)):
+        if a.variant != "bench" or a.dtype not in DTYPES:
+            continue
+        e = ESIZE[a.dtype]
+        for V in LOGIT_VOCABS:
+            est = estimate_distill(m, a, N_TOKENS, V)
+            floor = N_TOKENS * V * 3 * e / m.hbm_bytes_s
+            rows.append(_row(a, est, floor, kernel="distill_kernel", backend=a.backend,
+                             divergence=a.divergence, dtype=a.dtype, N=N_TOKENS, V=V, D="",
+                             preset="gpu-logits"))
+    # the backward's scale kernel (when grad_output != 1)
+    for a in by.get(("scale", "triton"), []) + by.get(("scale", "cuda"), []):
+        if a.dtype not in DTYPES:
+            continue
+        e = ESIZE[a.dtype]
+        est = estimate_scale(m, a, N_TOKENS, LINEAR_V)
+        rows.append(_row(a, est, N_TOKENS * LINEAR_V * 2 * e / m.hbm_bytes_s,
+                         kernel="scale_rows_kernel", backend=a.backend, divergence="-",
+                         dtype=a.dtype, N=N_TOKENS, V=LINEAR_V, D="", preset="gpu-logits"))
+    # features: 4 pairs of [8192, 4096], one call per pair (64 MB each: above the fuse limit)
+    for a in sorted(by.get(("feature", "triton"), []) + by.get(("feature", "cuda"), []),
+                    key=lambda a: (a.backend, a.dtype, a.divergence)):
+        if a.variant != "onetile" or a.dtype not in DTYPES:
+            continue
+        e = ESIZE[a.dtype]
+        size_cuda_feature_block(m, a, FEATURE_D)
+        est = sequence([estimate_feature(m, a, N_TOKENS, FEATURE_D)] * FEATURE_PAIRS)
+        floor = FEATURE_PAIRS * N_TOKENS * FEATURE_D * 3 * e / m.hbm_bytes_s
+        rows.append(_row(a, est, floor, kernel="feature_kernel", backend=a.backend,
+                         divergence=a.divergence, dtype=a.dtype, N=N_TOKENS,
+                         V="", D=FEATURE_D, preset="gpu-feature"))
+    # fused linear: its kernels, then the whole op against the GEMM floor
+    lin = [a for a in by.get(("linear", "triton"), []) if a.variant == "bench"]
+    floor = gemm_floor_s(m, N_TOKENS, LINEAR_V, LINEAR_D, LINEAR_D)
+    for div in dict.fromkeys(a.divergence for a in lin):
+        ks = {a.name: a for a in lin if a.divergence == div}
+        total, parts = estimate_linear(m, ks, N_TOKENS, LINEAR_V, LINEAR_D, LINEAR_D)
+        for name, est in parts.items():
+            a = ks.get(name)
+            own_floor = est.flops / m.gemm_flops_s  # the kernel's own GEMM work at cuBLAS's rate
+            if a is None:
+                rows.append(_row(None, est, own_floor, kernel=name, backend="cublas",
+                                 divergence=div, dtype="bf16", N=N_TOKENS, V=LINEAR_V,
+                                 D=LINEAR_D, instr_per_elem="", mufu_per_elem="",
+                                 preset="gpu-linear"))
+                continue
+            per_elem = {}
+            if a.kernel == "linear_grad_kernel":
+                per_elem = dict(instr_per_elem=round(a.body.instr / a.body_elems, 2),
+                                mufu_per_elem=round(a.body.mufu_total / a.body_elems, 3))
+            tag = re.search(r",(PASS=\d)\]$", a.name)
+            rows.append(_row(a, est, own_floor,
+                             kernel=a.kernel + (f"[{tag.group(1)}]" if tag else ""),
+                             backend="triton", divergence=div, dtype=a.dtype, N=N_TOKENS,
+                             V=LINEAR_V, D=LINEAR_D, preset="gpu-linear", **per_elem))
+        epi = [r for r in rows[-len(parts):] if isinstance(r.get("instr_per_elem"), float)]
+        rows.append(_row(None, total, floor, kernel="linear_fused (fwd+bwd)", backend="triton",
+                         divergence=div, dtype="bf16", N=N_TOKENS, V=LINEAR_V, D=LINEAR_D,
+                         instr_per_elem=round(sum(r["instr_per_elem"] for r in epi), 2),
+                         mufu_per_elem=round(sum(r["mufu_per_elem"] for r in epi), 3),
+                         preset="gpu-linear",
+                         mma=" ".join(sorted({r["mma"] for r in epi if r.get("mma")}))))
+    return rows
+
+
+# ---- compile + analyse ------------------------------------------------------------------------
+
+
+def analyses_for(arch: int, records: Optional[List[Dict[str, Any]]] = None,
+                 cuda: bool = True, jobs: int = 1, cache: Optional[str] = None,
+                 log=None) -> List[Analysis]:
+    """Compiles (or takes) the Triton records of `arch`, adds the extension's CUDA kernels,
+    analyses them all."""
+    m = MACHINES.get(arch, H200)
+    if records is None:
+        records = compile_records(arch, jobs=jobs, cache=cache, log=log)
+    out = [analyse(r, m) for r in records if r["arch"] == arch]
+    if cuda:
+        out += [analyse(r, m) for r in cuda_records(arch)]
+    return out
+
+
+def compile_records(arch: int, jobs: int = 1, cache: Optional[str] = None, log=None):
+    """Triton records for `arch`: compiled in this process (jobs == 1, TRITON_INTERPRET unset)
+    or in `jobs` fresh processes."""
+    from fastdistill.bench import aot
+    if jobs > 1 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
+        return aot.compile_in_subprocess([arch], cache=cache, jobs=jobs)
+    os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    return aot.compile_all((arch,), cache=cache, log=log)
+
+
+# ---- output -----------------------------------------------------------------------------------
+
+
+def format_table(rows: List[Dict[str, Any]]) -> str:
+    head = ["preset", "kernel", "backend", "divergence", "dtype", "V", "instr/elem",
+            "MUFU/elem", "bar/shfl per tile", "load", "regs", "CTAs/SM", "GB",
+            "predicted ms", "bound", "floor ms", "ratio"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for r in rows:
+        bs = "" if r.get("barriers_per_tile") is None else \
+            f"{r.get('barriers_per_tile', '')}/{r.get('shuffles_per_tile', '')}"
+        lines.append("| " + " | ".join(str(x) for x in (
+            r["preset"], r["kernel"] + (f" ({r['mma']})" if r.get("mma") else ""), r["backend"],
+            r["divergence"], r["dtype"], r["V"], r["instr_per_elem"], r["mufu_per_elem"], bs,
+            r.get("load_width", ""), r.get("regs", ""), r.get("ctas_per_sm", ""),
+            f"{r['hbm_bytes'] / 1e9:.2f}", r["predicted_ms"], r["bound"], r["floor_ms"],
+            r["ratio"])) + " |")
+    return "\n".join(lines)
+
+
+def write_csv(rows: List[Dict[str, Any]], path: str, header: str = "") -> None:
+    with open(path, "w", newline="") as f:
+        if header:
+            f.write(f"# {header}\n")
+        w = csv.DictWriter(f, fieldnames=COLUMNS + EXTRA, extrasaction="ignore")
+        w.writeheader()
+        for r in rows:
+            w.writerow({k: r.get(k, "") for k in COLUMNS + EXTRA})
+
+
+def read_csv(path: str) -> List[Dict[str, str]]:
+    with open(path, newline="") as f:
+        return list(csv.DictReader(line for line in f if not line.startswith("#")))
+
+
+def show_loop(analyses: Sequence[Analysis], pattern: str) -> str:
+    """The loop bodies (steady-state path marked '*', nested loops 'i') of the kernels whose
+    name contains `pattern`."""
+    out = []
+    for a in analyses:
+        if pattern not in a.name and pattern not in a.rec.get("mangled", ""):
+            continue
+        cfg = S.CFG(a.rec["sass"])
+        out.append(f"==== {a.name} (sm_{a.arch}, {a.threads} threads, {a.regs} registers)")
+        for lp, info in zip(cfg.loops, a.loops):
+            per = f", {info.instr / info.elems:.2f} instr/elem" if info.elems else ""
+            out.append(f"-- loop {info.start:05x}-{info.end:05x} ({info.kind}, depth "
+                       f"{info.depth}): {info.instr} instructions on the path ({info.instr_static}"
+                       f" in the body), {info.elems:g} elements per thread{per}, MUFU "
+                       f"{info.mufu}, {info.barriers} BAR, {info.shuffles} SHFL, MMA {info.mma}")
+            out.append(S.loop_listing(cfg, lp))
+        if not cfg.loops or a.body_elems:
+            out.append(f"-- loop-free path: {a.body.instr} instructions, {a.body_elems:g} "
+                       f"elements per thread, MUFU {a.body.mufu}")
+    return "\n".join(out) if out else f"no kernel matches {pattern!r}"
+
+
+# ---- calibration ------------------------------------------------------------------------------
+
+PROVIDER_BACKEND = {"fastdistill-triton": "triton", "fastdistill-cuda": "cuda",
+                    "fastdistill-fused": "triton"}
+
+
+def predicted_for(rows: List[Dict[str, Any]], op: str, provider: str, divergence: str,
+                  dtype: str, N: int, V: int) -> Optional[Dict[str, Any]]:
+    """The model row matching one measured point of the bench (same op, backend, divergence,
+    dtype, V), scaled linearly to its N."""
+    backend = PROVIDER_BACKEND.get(provider)
+    if backend is None:
+        return None
+    kernel = {"distill": "distill_kernel", "feature": "feature_kernel",
+              "linear": "linear_fused (fwd+bwd)"}.get(op)
+    best = None
+    for r in rows:
+        if r["kernel"] != kernel or r["backend"] != backend or r["dtype"] != dtype:
+            continue
+        if op != "feature" and r["divergence"] != divergence:
+            continue
+        if op == "feature" and r["divergence"] != "mse":
+            continue
+        if op != "feature" and str(r["V"]) != str(V):
+            continue
+        best = r
+    if best is None:
+        return None
+    out = dict(best)
+    scale = N / float(best["N"])
+    out["predicted_ms"] = float(best["predicted_ms"]) * scale
+    return out
+
+
+def calibrate(model_rows: List[Dict[str, Any]], result_paths: Sequence[str]) -> str:
+    """measured / predicted for every fastdistill point of the bench results that the model
+    covers, and the geometric mean per (kernel, backend): the factor to apply to the model."""
+    points = []
+    for path in result_paths:
+        for r in read_csv(path):
+            if not r.get("time_s") or r.get("error"):
+                continue
+            op = r.get("op") or "distill"
+            pred = predicted_for(model_rows, op, r["provider"], r.get("divergence", "forward_kl"),
+                                 r.get("dtype", "bf16"), int(r["N"]), int(r["V"] or 0))
+            if pred is None:
+                continue
+            measured = float(r["time_s"]) * 1e3
+            points.append((pred["kernel"], pred["backend"], r.get("divergence", ""),
+                           r.get("dtype", ""), r["N"], r["V"], measured,
+                           pred["predicted_ms"], pred["bound"]))
+    if not points:
+        return "no measured point matches a model row (need the bench CSV columns op, " \
+               "provider, divergence, dtype, N, V, time_s)"
+    lines = ["| kernel | backend | divergence | dtype | N | V | measured ms | predicted ms | "
+             "bound | measured / predicted |", "|" + "---|" * 10]
+    groups: Dict[Tuple[str, str], List[float]] = {}
+    for k, b, d, dt, n, v, meas, pred, bound in points:
+        f = meas / pred if pred else float("nan")
+        groups.setdefault((k, b), []).append(f)
+        lines.append(f"| {k} | {b} | {d} | {dt} | {n} | {v} | {meas:.3f} | {pred:.3f} | "
+                     f"{bound} | {f:.2f} |")
+    lines += ["", "| kernel | backend | points | factor (geometric mean of measured / "
+              "predicted) | min | max |", "|---|---|---|---|---|---|"]
+    for (k, b), fs in sorted(groups.items()):
+        g = math.exp(sum(math.log(f) for f in fs) / len(fs))
+        lines.append(f"| {k} | {b} | {len(fs)} | {g:.3f} | {min(fs):.3f} | {max(fs):.3f} |")
+    return "\n".join(lines)
+
+
+# ---- CLI --------------------------------------------------------------------------------------
+
+
+def _commit() -> str:
+    root = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+    try:
+        return subprocess.run(["git", "-C", root, "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10).stdout.strip() \
+            or "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m fastdistill.bench.roofline",
+                                 description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--arch", type=int, default=90, choices=sorted(MACHINES),
+                    help="the SASS and the machine to model (90: H200, 80: A100)")
+    ap.add_argument("--csv", nargs="?", const="roofline.csv", default=None,
+                    help="write the table as CSV (default path roofline.csv)")
+    ap.add_argument("--show-loop", metavar="KERNEL",
+                    help="print the loop bodies of the kernels whose name contains KERNEL")
+    ap.add_argument("--calibrate", nargs="+", metavar="RESULTS_CSV",
+                    help="bench results CSVs: measured / predicted per kernel")
+    ap.add_argument("--model", metavar="ROOFLINE_CSV",
+                    help="with --calibrate: take the model rows from this CSV instead of "
+                         "compiling")
+    ap.add_argument("--jobs", type=int, default=1, help="compile in this many processes")
+    ap.add_argument("--cache", default=None, help="compile cache directory")
+    ap.add_argument("--no-cuda", action="store_true", help="Triton kernels only")
+    args = ap.parse_args(argv)
+    m = MACHINES[args.arch]
+    if args.calibrate and args.model:
+        print(calibrate(read_csv(args.model), args.calibrate))
+        return 0
+    analyses = analyses_for(args.arch, cuda=not args.no_cuda, jobs=args.jobs, cache=args.cache,
+                            log=(lambda s: print(s, file=sys.stderr, flush=True)))
+    if args.show_loop:
+        print(show_loop(analyses, args.show_loop))
+        return 0
+    rows = build_table(analyses, m)
+    header = (f"fastdistill roofline | {datetime.date.today().isoformat()} | commit {_commit()} | "
+              f"sm_{args.arch} SASS, {m.name}: {m.sms} SMs x {m.schedulers} schedulers at "
+              f"{m.clock_hz / 1e9:.2f} GHz, {m.hbm_bytes_s / 1e12:.1f} TB/s, MUFU "
+              f"{m.mufu_per_clk_sm}/clk/SM, GEMM {m.gemm_flops_s / 1e12:.0f} TFLOP/s")
+    print(header)
+    print(format_table(rows))
+    if args.csv:
+        write_csv(rows, args.csv, header)
+        print(f"csv: {args.csv}")
+    if args.calibrate:
+        print()
+        print(calibrate(rows, args.calibrate))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
