@@ -12,6 +12,7 @@ import torch
 
 from fastdistill import _checks, _rows, backends, ops
 from fastdistill.config import FEATURE_KINDS, DistillConfig
+from fastdistill.distributed import is_vocab_parallel, vocab_parallel_distill_loss
 
 
 def _need_grad(x: torch.Tensor) -> bool:
@@ -30,7 +31,7 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
                  beta=0.5, ratio=0.5, temperature=1.0, t2_scale=False, hard_weight=0.0,
                  soft_weight=1.0, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                  vocab_size=None, mask=None, student_logit_scale=None, teacher_logit_scale=None,
-                 shift_labels=False, backend="auto") -> torch.Tensor:
+                 shift_labels=False, backend="auto", vocab_group=None) -> torch.Tensor:
     """Distillation loss between student and teacher logits, with optional hard-label CE.
 
     With P = softmax(teacher_logit_scale * teacher_logits / T) and Q = softmax(
@@ -61,11 +62,15 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
         shift_labels: causal LMs: the same as passing ``logits[..., :-1, :]`` and
             ``labels[..., 1:]`` (and ``mask[..., 1:]``), without copying the logits.
         backend: ``auto``, ``triton``, ``cuda``, ``cpu`` or ``torch``.
+        vocab_group: a ProcessGroup: the logits are this rank's contiguous vocabulary slice
+            (ranks in order); also taken from DTensor logits placed ``Shard(-1)``. See
+            :func:`fastdistill.distributed.vocab_parallel_distill_loss`.
 
     Returns:
         float32 loss: 0-d, or the leading shape for ``none``.
     """
-    _logit_tensors(student_logits, teacher_logits, vocab_size)
+    if vocab_group is None:  # local vocabulary shards are checked by the parallel loss
+        _logit_tensors(student_logits, teacher_logits, vocab_size)
     cfg = DistillConfig(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
                         t2_scale=t2_scale, hard_weight=hard_weight, soft_weight=soft_weight,
                         ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
@@ -73,16 +78,19 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
                         teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
                         backend=backend)
     return distill_loss_with(cfg, student_logits, teacher_logits, labels, mask=mask,
-                             num_items_in_batch=num_items_in_batch)
+                             num_items_in_batch=num_items_in_batch, vocab_group=vocab_group)
 
 
 def distill_loss_with(cfg: DistillConfig, student_logits, teacher_logits, labels=None, *,
-                      mask=None, num_items_in_batch=None) -> torch.Tensor:
+                      mask=None, num_items_in_batch=None, vocab_group=None) -> torch.Tensor:
     """:func:`distill_loss` with its options in a validated :class:`DistillConfig` (what the
     modules and trainers call)."""
     if cfg.student_softcap is not None or cfg.teacher_softcap is not None:
         raise ValueError("student_softcap / teacher_softcap apply to linear_distill_loss; "
                          "distill_loss takes logits that are already capped")
+    if is_vocab_parallel(student_logits, teacher_logits, group=vocab_group):
+        return vocab_parallel_distill_loss(student_logits, teacher_logits, labels, mask, cfg,
+                                           num_items_in_batch, vocab_group)
     V = _logit_tensors(student_logits, teacher_logits, cfg.vocab_size)
     lead = student_logits.shape[:-1]
     device = _checks.same_device(("student_logits", "teacher_logits", "labels", "mask"),
