@@ -123,8 +123,8 @@ class FeatureDistillLoss(nn.Module):
     :meth:`step` advances (call it once per optimizer step); without a schedule every pair is
     active and ``step`` is ignored. The projections of inactive pairs get no gradient (under
     DistributedDataParallel that needs ``find_unused_parameters=True``).
-    ``torch.compile(fullgraph=True)`` traces the direct pairs; projected pairs take the chunked
-    projection path of ``feature_loss``, which compiles with a graph break.
+    ``torch.compile(fullgraph=True)`` traces it whole: direct pairs are one custom op call per
+    weight, projected pairs one ``fastdistill::projected_feature`` call each.
 
     Returns, with A the active pairs, ``c_p = w_p / sum_{q in A} w_q`` (normalize_weights) or
     ``w_p``, and ``L_p`` the :func:`fastdistill.feature_loss` of pair p (its projection applied)

@@ -513,20 +513,25 @@ def test_bad_input():
 
 
 @pytest.mark.parametrize("reduction", ["mean", "none"])
-def test_torch_compile_fullgraph_direct_pairs(reduction):
-    """Direct pairs (one fused custom-op call per weight) trace without graph breaks; projected
-    pairs go through the chunked projection path, which torch.compile runs with a graph break."""
+@pytest.mark.parametrize("widths", ["direct", "projected"])
+def test_torch_compile_fullgraph(reduction, widths):
+    """Direct pairs (one fused custom-op call per weight) and projected pairs (the custom op
+    fastdistill::projected_feature) trace into one graph, without graph breaks."""
     lm = fd.LayerMap.uniform(2, 4)
-    crit = fd.FeatureDistillLoss(lm, 16, 16, "normalized_mse", weights=[1.0, 2.0],
+    dt = 16 if widths == "direct" else 24
+    crit = fd.FeatureDistillLoss(lm, 16, dt, "normalized_mse", weights=[1.0, 2.0],
                                  reduction=reduction)
-    s_hs, t_hs = hidden(2, 16, (2, 3)), hidden(4, 16, (2, 3))
+    s_hs, t_hs = hidden(2, 16, (2, 3)), hidden(4, dt, (2, 3))
     mask = torch.tensor([[1, 1, 0], [1, 0, 1]])
     grads = []
     for fn in (crit, torch.compile(crit, fullgraph=True, backend="aot_eager")):
         s = [x.clone().requires_grad_() for x in s_hs]
+        crit.zero_grad(set_to_none=True)
         loss = fn(s, t_hs, mask)
         loss.sum().backward()
-        grads.append((loss.detach(), [x.grad for x in s[1:]]))
+        grads.append((loss.detach(), [x.grad for x in s[1:]] +
+                      [p.grad.clone() for p in crit.parameters()]))
     assert_close(grads[1][0], grads[0][0], rtol=1e-6, atol=1e-7, what="compiled loss")
+    assert len(grads[0][1]) == (2 if widths == "direct" else 6)
     for a, b in zip(grads[1][1], grads[0][1]):
         assert_close(a, b, rtol=1e-6, atol=1e-9, what="compiled grad")
