@@ -59,7 +59,7 @@ import math
 import numbers
 import types
 from dataclasses import dataclass
-from typing import Any, Optional, Sequence, Tuple
+from typing import Any, Optional
 
 import torch
 import torch.distributed as dist
