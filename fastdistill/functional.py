@@ -12,6 +12,7 @@ import torch
 
 from fastdistill import _checks, _rows, backends, ops
 from fastdistill.config import FEATURE_KINDS, DistillConfig
+from fastdistill.distributed import is_vocab_parallel, vocab_parallel_distill_loss
 
 
 def _need_grad(x: torch.Tensor) -> bool:
@@ -30,7 +31,7 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
                  beta=0.5, ratio=0.5, temperature=1.0, t2_scale=False, hard_weight=0.0,
                  soft_weight=1.0, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                  vocab_size=None, mask=None, student_logit_scale=None, teacher_logit_scale=None,
-                 shift_labels=False, backend="auto") -> torch.Tensor:
+                 shift_labels=False, backend="auto", vocab_group=None) -> torch.Tensor:
     """Distillation loss between student and teacher logits, with optional hard-label CE.
 
     With P = softmax(teacher_logit_scale * teacher_logits / T) and Q = softmax(
@@ -61,11 +62,15 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
         shift_labels: causal LMs: the same as passing ``logits[..., :-1, :]`` and
             ``labels[..., 1:]`` (and ``mask[..., 1:]``), without copying the logits.
         backend: ``auto``, ``triton``, ``cuda``, ``cpu`` or ``torch``.
+        vocab_group: a ProcessGroup: the logits are this rank's contiguous vocabulary slice
+            (ranks in order); also taken from DTensor logits placed ``Shard(-1)``. See
+            :func:`fastdistill.distributed.vocab_parallel_distill_loss`.
 
     Returns:
         float32 loss: 0-d, or the leading shape for ``none``.
     """
-    _logit_tensors(student_logits, teacher_logits, vocab_size)
+    if vocab_group is None:  # local vocabulary shards are checked by the parallel loss
+        _logit_tensors(student_logits, teacher_logits, vocab_size)
     cfg = DistillConfig(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
                         t2_scale=t2_scale, hard_weight=hard_weight, soft_weight=soft_weight,
                         ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
@@ -73,16 +78,19 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
                         teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
                         backend=backend)
     return distill_loss_with(cfg, student_logits, teacher_logits, labels, mask=mask,
-                             num_items_in_batch=num_items_in_batch)
+                             num_items_in_batch=num_items_in_batch, vocab_group=vocab_group)
 
 
 def distill_loss_with(cfg: DistillConfig, student_logits, teacher_logits, labels=None, *,
-                      mask=None, num_items_in_batch=None) -> torch.Tensor:
+                      mask=None, num_items_in_batch=None, vocab_group=None) -> torch.Tensor:
     """:func:`distill_loss` with its options in a validated :class:`DistillConfig` (what the
     modules and trainers call)."""
     if cfg.student_softcap is not None or cfg.teacher_softcap is not None:
         raise ValueError("student_softcap / teacher_softcap apply to linear_distill_loss; "
                          "distill_loss takes logits that are already capped")
+    if is_vocab_parallel(student_logits, teacher_logits, group=vocab_group):
+        return vocab_parallel_distill_loss(student_logits, teacher_logits, labels, mask, cfg,
+                                           num_items_in_batch, vocab_group)
     V = _logit_tensors(student_logits, teacher_logits, cfg.vocab_size)
     lead = student_logits.shape[:-1]
     device = _checks.same_device(("student_logits", "teacher_logits", "labels", "mask"),
@@ -133,6 +141,10 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
     m = _checks.mask(mask, lead, "features'") if mask is not None else None
     device = _checks.same_device(("student", "teacher", "mask"), (student, teacher, mask))
     _checks.teacher_grad([("teacher", teacher)], "student", student.requires_grad)
+    for n, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{n} must have at least one feature (last dimension), got shape "
+                             f"{tuple(x.shape)}")
     name = backends.resolve(backend, device)
     code = FEATURE_KINDS.index(kind)
     teacher = teacher.detach()
@@ -143,8 +155,6 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
         raise ValueError(f"student has {student.shape[-1]} features and teacher has "
                          f"{teacher.shape[-1]}; pass projection=[Dt, Ds] weight (or nn.Linear) "
                          "when the widths differ")
-    if student.shape[-1] == 0:
-        raise ValueError("student and teacher must have at least one feature, got 0")
     s2, t2 = _checks.rows2d(student), _checks.rows2d(teacher)
     scale = _rows.prepare(lead, 1, None, mask, ignore_index=-100, reduction=reduction,
                           shift_labels=False, hard_weight=0.0, vocab=1, num_items_in_batch=None,
