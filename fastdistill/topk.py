@@ -237,7 +237,7 @@ def _(h_s, w_s, b_s, indices, logprobs, labels, scale, row_factor, divergence, b
 
 
 _LIN_TENSORS = 8  # tensor inputs of linear_topk_distill, before the options
-_LIN_PER_ROW = 11  # index of per_row among the options
+_LIN_PER_ROW = 10  # index of per_row among the options
 
 
 def _linear_setup(ctx, inputs, output):

@@ -23,10 +23,10 @@
 // pass 2 V E_s + W E_s, the teacher K (E_idx + E_lp), work 2 K 4. renormalize without a hard
 // loss reads no student column outside the indices: W E_s written only.
 //
-// Aliasing: grad may be the student buffer. The K logits are read in the K phase, before any
-// gradient is written; in pass 2 a thread reads each of its units before it writes the same
-// unit; the K values written after the barrier come from `work`. The label's logit (hard loss)
-// is read by one thread in the K phase, before pass 2.
+// Aliasing: grad may be the student buffer. The K logits and the label's logit (hard loss) are
+// read in the K phase, and a barrier separates it from pass 2; in pass 2 a thread reads each of
+// its units before it writes the same unit; the K values written after the last barrier come
+// from `work`.
 
 #include "cuda/common.cuh"
 #include "cuda/launchers.h"
@@ -331,6 +331,9 @@ __global__ void __launch_bounds__(kThreads) topk_kernel(const TopkArgs A) {
     if (hard) g += ch * (fd_exp((__fmul_rn(z, hm) - m1) - ld1) - (i == label ? 1.0f : 0.0f));
     work[k] = nan_row ? fd_nan() : g;
   }
+  // grad may be the student: every read of the K logits and of the label's logit (thread 0,
+  // above) is done before any thread writes a gradient
+  __syncthreads();
   // ---- pass 2: C exp(a_j - (m_ref + ld_ref)) outside the indices (+ the CE's softmax) ----
   float c = 0.0f, m_ref = m, ld_ref = ld;
   if (has_tail) {

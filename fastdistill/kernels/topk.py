@@ -271,6 +271,8 @@ def topk_distill_kernel(
                         g += ch * (tl.exp((zk * h_mul - m1) - ld1) - tl.where(idx == label, 1.0,
                                                                                 0.0))
                     tl.store(w_row + ks, tl.where(nan_row, NAN, g), mask=km)
+                # grad may be the student: the K logits and the label's logit are read by now
+                tl.debug_barrier()
                 # ---- pass 2: C exp(a_j - (m_ref + ld_ref)) outside (+ the CE's softmax) ----
                 if TAIL == 0:
                     some = d_o > 0
