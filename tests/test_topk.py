@@ -378,3 +378,21 @@ def test_compiles_in_one_graph():
     out.backward()
     ref = f(s.detach().clone().requires_grad_(), idx, lp)
     torch.testing.assert_close(out, ref)
+
+
+def test_bench_topk_preset_builds():
+    """The bench's top-k op (python -m fastdistill.bench --preset cpu-topk) at a tiny size:
+    every provider runs forward + backward, and the stored teacher's bytes per token are the
+    store's layout (6 K + 4) against the dense bf16 logits (2 V)."""
+    from fastdistill.bench import __main__ as bench_cli
+    from fastdistill.bench import cases as bench_cases
+    assert bench_cli.PRESETS["cpu-topk"]["op"] == "topk"
+    for p in bench_cases.topk_providers("cpu"):
+        spec = dict(op="topk", provider=p, N=16, V=300, dtype="fp32", device="cpu",
+                    temperature=1.0, hard_weight=0.0)
+        run, reset, grad_bytes, moved, flops = bench_cases.build(spec)
+        run()
+        reset()
+        k = {"fastdistill-dense": None}.get(p, int(p.split("topk")[1]) if "topk" in p else None)
+        want = 600 if k is None else 6 * k + 4
+        assert bench_cases.disk_bytes_per_token(spec) == want

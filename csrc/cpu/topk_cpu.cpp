@@ -8,7 +8,8 @@
 //                 written: grad may alias the student);
 //   pass 1        (bucket, none; or any tail with a hard loss) the student row streamed in
 //                 chunks of kChunk columns: the log-sum-exp of a = s_mul z over the columns
-//                 OUTSIDE the indices (the bitmask), so the tail mass exp(LSE_out - LSE) is never
+//                 OUTSIDE the indices (a copy of the chunk with its members set to -inf, found by
+//                 walking the sorted indices), so the tail mass exp(LSE_out - LSE) is never
 //                 formed as 1 - sum q (which cancels when the indices hold most of the mass);
 //                 the full LSE follows exactly by merging in the K gathered logits; the hard
 //                 loss's own LSE of h_mul z when h_mul != s_mul;
@@ -26,6 +27,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <algorithm>
 #include <cstring>
 #include <vector>
 
@@ -97,38 +99,27 @@ struct Lse {
   }
 };
 
-// max and sum of e^{x - max} of x_i = keep_i ? z_i * scale : -inf over one chunk; NaN reaches
-// the sum.
-void chunk_lse(const float* __restrict z, const uint64_t* __restrict bits, int64_t j0, int n,
-               float scale, bool use_bits, float& cm, float& s) {
+// max and sum of e^{x - max} over one chunk of x; -inf entries add nothing, NaN reaches the sum.
+void chunk_lse(const float* __restrict x, int n, float& cm, float& s) {
   float m = -fd_inf();
 #pragma omp simd reduction(max : m)
-  for (int i = 0; i < n; ++i) {
-    const int64_t j = j0 + i;
-    const bool member = use_bits && ((bits[j >> 6] >> (j & 63)) & 1u);
-    const float v = member ? -fd_inf() : z[i] * scale;
-    m = v > m ? v : m;
-  }
+  for (int i = 0; i < n; ++i) m = x[i] > m ? x[i] : m;
   float acc = 0.0f;
 #pragma omp simd reduction(+ : acc)
-  for (int i = 0; i < n; ++i) {
-    const int64_t j = j0 + i;
-    const bool member = use_bits && ((bits[j >> 6] >> (j & 63)) & 1u);
-    const float v = member ? -fd_inf() : z[i] * scale;
-    acc += v == -fd_inf() ? 0.0f : fd_exp(v - m);
-  }
+  for (int i = 0; i < n; ++i) acc += x[i] == -fd_inf() ? 0.0f : fd_exp(x[i] - m);
   cm = m;
   s = acc;
 }
 
 struct Scratch {
   std::vector<uint64_t> bits;  // V bits, all zero between rows
-  std::vector<int64_t> idx;
+  std::vector<int64_t> idx, sorted;  // the row's indices as given, and in increasing order
   std::vector<float> zk, lpk;  // student logit and teacher logprob at each index
   std::vector<double> lq, lp;  // the bins' log-probabilities (K + 1)
   std::vector<double> qh;      // q dD/dq of each bin
   std::vector<float> gk;       // the gradient at each index
   alignas(64) float buf[kChunk];
+  alignas(64) float x[kChunk];
   alignas(64) float g[kChunk];
 };
 
@@ -189,16 +180,26 @@ void topk_row(const TopkArgs& A, int64_t r, float grad_scale, Scratch& S) {
   const bool pass1 = tail != kTailRenormalize || hard;
   Lse out, h1;
   if (pass1) {
+    // the indices in increasing order: each chunk sets its members to -inf in a copy of a
+    std::copy(S.idx.begin(), S.idx.begin() + K, S.sorted.begin());
+    std::sort(S.sorted.begin(), S.sorted.begin() + K);
+    int64_t next = 0;
     for (int64_t j0 = 0; j0 < V; j0 += kChunk) {
       const int n = int(V - j0 < kChunk ? V - j0 : kChunk);
-      const float* z = load_chunk(srow, A.s_dtype, j0, n, S.buf);
+      const float* __restrict z = load_chunk(srow, A.s_dtype, j0, n, S.buf);
+      float* __restrict x = S.x;
       float cm, s;
-      chunk_lse(z, bits, j0, n, sm, true, cm, s);
-      out.add(cm, s);
       if (hard_sep) {
-        chunk_lse(z, bits, j0, n, hm, false, cm, s);
+#pragma omp simd
+        for (int i = 0; i < n; ++i) x[i] = z[i] * hm;
+        chunk_lse(x, n, cm, s);
         h1.add(cm, s);
       }
+#pragma omp simd
+      for (int i = 0; i < n; ++i) x[i] = z[i] * sm;
+      for (; next < K && S.sorted[next] < j0 + n; ++next) x[S.sorted[next] - j0] = -fd_inf();
+      chunk_lse(x, n, cm, s);
+      out.add(cm, s);
     }
   }
 
@@ -359,6 +360,7 @@ int32_t topk_rows(const TopkArgs& A) {
     Scratch S;
     S.bits.assign(size_t((P.vocab + 63) / 64), 0);
     S.idx.resize(size_t(P.k));
+    S.sorted.resize(size_t(P.k));
     S.zk.resize(size_t(P.k));
     S.lpk.resize(size_t(P.k));
     S.lq.resize(size_t(P.k) + 1);
