@@ -36,12 +36,15 @@ from torch.nn import functional as F
 
 
 def _plogr(w: torch.Tensor, lw: torch.Tensor, lm: torch.Tensor) -> torch.Tensor:
-    """sum_j w_j (lw_j - lm_j), with 0 where w_j = 0 (0 log 0 = 0), safe under autograd. NaN in
-    w, lw or lm propagates."""
-    keep = (w > 0) | torch.isnan(w)
+    """sum_j w_j (lw_j - lm_j) over the support of w: its finite log-weights lw_j (0 log 0 = 0
+    elsewhere), +inf where lm_j = -inf there; safe under autograd. The support is defined by
+    finiteness, not by whether w_j underflows (also in float64, below e^-745). NaN
+    propagates."""
+    keep = (lw > -math.inf) | torch.isnan(lw)
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
     d = torch.where(keep, lw, zero) - torch.where(keep, lm, zero)
-    return torch.where(keep, w * d, zero).sum(-1)
+    term = torch.where(keep, w * d, zero)  # +inf where lm = -inf and w > 0, gradient -w
+    return torch.where(keep & (lm == -math.inf) & (w == 0), math.inf, term).sum(-1)
 
 
 def _log_mix(la: torch.Tensor, wa: float, lb: torch.Tensor, wb: float) -> torch.Tensor:
@@ -59,9 +62,16 @@ def _log_mix(la: torch.Tensor, wa: float, lb: torch.Tensor, wb: float) -> torch.
 
 def divergence_rows(a: torch.Tensor, b: torch.Tensor, divergence: str = "forward_kl",
                     beta: float = 0.5, ratio: float = 0.5) -> torch.Tensor:
-    """Per-row divergence of already scaled float64 logits (a: student, b: teacher): ``[N]``."""
-    return divergence_from_logprobs(torch.log_softmax(b, -1), torch.log_softmax(a, -1),
+    """Per-row divergence of already scaled float64 logits (a: student, b: teacher): ``[N]``.
+    A row without both distributions (a NaN, a +inf, or only -inf logits on a side) gives NaN,
+    even where the formula would not see that side (e.g. the student of skew_forward_kl at
+    beta = 1)."""
+    rows = divergence_from_logprobs(torch.log_softmax(b, -1), torch.log_softmax(a, -1),
                                     divergence, beta, ratio)
+    with torch.no_grad():
+        nan_row = ~(torch.isfinite(torch.logsumexp(a, -1)) &
+                    torch.isfinite(torch.logsumexp(b, -1)))
+    return torch.where(nan_row, torch.full_like(rows, math.nan), rows)
 
 
 def divergence_from_logprobs(lp: torch.Tensor, lq: torch.Tensor, divergence: str = "forward_kl",
@@ -179,12 +189,15 @@ def reference_distill_loss(student_logits, teacher_logits, labels=None, *,
         zs = zs * student_logit_scale
     if teacher_logit_scale is not None:
         zt = zt * teacher_logit_scale
+    valid = _valid_rows(labels, mask, ignore_index)
+    if valid is not None:  # rows that do not count: whatever they hold, 0 and no gradient
+        zs = torch.where(valid[:, None], zs, torch.zeros_like(zs))
+        zt = torch.where(valid[:, None], zt, torch.zeros_like(zt))
     rows = divergence_rows(zs / temperature, zt / temperature, divergence, beta, ratio)
     rows = rows * (soft_weight * (temperature ** 2 if t2_scale else 1.0))
     lab = labels.reshape(-1) if labels is not None else None
     if hard_weight != 0:
         rows = rows + hard_weight * reference_cross_entropy(zs, lab, ignore_index)
-    valid = _valid_rows(labels, mask, ignore_index)
     if valid is not None:
         rows = torch.where(valid, rows, torch.zeros_like(rows))
     out = reference_reduce(rows, valid, reduction, num_items_in_batch, batch)
@@ -238,6 +251,9 @@ def reference_feature_loss(student, teacher, kind="mse", mask=None, projection=N
         s = s @ w.to(torch.float64).t()
         if b is not None:
             s = s + b.to(torch.float64)
+    if mask is not None:  # rows that do not count: whatever they hold, 0 and no gradient
+        s = torch.where(mask[..., None], s, torch.zeros_like(s))
+        t = torch.where(mask[..., None], t, torch.zeros_like(t))
     if kind == "mse":
         rows = ((s - t) ** 2).mean(-1)
     elif kind == "cosine":

@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from fastdistill.config import FEATURE_KINDS
+
 try:
     from fastdistill import _C  # type: ignore[attr-defined]
     LOAD_ERROR = None
@@ -142,7 +144,8 @@ def distill_args(student, teacher, labels, grad, rows, grad_scale, opts, vocab: 
     return a
 
 
-FEATURE_KIND_CODES = {"mse": 0, "cosine": 1, "normalized_mse": 2}
+# csrc/include/fastdistill/feature.h: enum FeatureKind, the positions in config.FEATURE_KINDS
+FEATURE_KIND_CODES = {k: i for i, k in enumerate(FEATURE_KINDS)}
 
 
 def feature_args(student, teacher, mask, grad, rows, grad_scale, kind: int, *, threads: int = 1,

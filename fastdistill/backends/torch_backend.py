@@ -24,7 +24,7 @@ from typing import Optional, Tuple
 
 import torch
 
-from fastdistill.config import KernelOptions
+from fastdistill.config import FEATURE_KINDS, KernelOptions
 from fastdistill.divergences import FKL, JSD, RKL, SFKL, SKL, SRKL, TVD
 
 # float32 elements per [rows, V] temporary; about ten of them live at once.
@@ -40,11 +40,14 @@ def _rowsum(x: torch.Tensor) -> torch.Tensor:
 
 
 def _plogr(w, lw, lm):
-    """sum w (lw - lm), 0 where w == 0"""
-    keep = w > 0
+    """sum w (lw - lm) over the support of w (its finite log-weights, whether or not w
+    underflows in float32), +inf where lm is -inf there: the rules of divergence.h."""
+    keep = lw > -math.inf
     zero = torch.zeros((), dtype=w.dtype, device=w.device)
-    return torch.where(keep, w * (torch.where(keep, lw, zero) - torch.where(keep, lm, zero)),
-                       zero).sum(-1)
+    term = torch.where(keep, w * (torch.where(keep, lw, zero) - torch.where(keep, lm, zero)),
+                       zero)
+    term = torch.where(keep & (lm == -math.inf) & (w == 0), math.inf, term)
+    return term.sum(-1)
 
 
 def _soft_rows(a: torch.Tensor, b: torch.Tensor, code: int, beta: float):
@@ -160,21 +163,24 @@ def distill_forward(student: torch.Tensor, teacher: torch.Tensor, labels: Option
 
 COSINE_EPS = 1e-8
 LAYER_NORM_EPS = 1e-5
+# feature kind codes: the positions in fastdistill.config.FEATURE_KINDS
+MSE, COSINE, NORMALIZED_MSE = (FEATURE_KINDS.index(k) for k in ("mse", "cosine",
+                                                                 "normalized_mse"))
 
 
 def feature_rows(s: torch.Tensor, t: torch.Tensor, kind: int):
     """Per-row feature loss and dL/ds for float32 rows [R, D]."""
     D = s.shape[-1]
-    if kind == 0:  # mse
+    if kind == MSE:
         d = s - t
         return (d * d).mean(-1), d * (2.0 / D)
-    if kind == 1:  # cosine
+    if kind == COSINE:
         ns, nt = s.norm(dim=-1, keepdim=True), t.norm(dim=-1, keepdim=True)
         ns_c, nt_c = ns.clamp_min(COSINE_EPS), nt.clamp_min(COSINE_EPS)
         cos = _rowsum(s * t) / (ns_c * nt_c)
         cs = torch.where(ns > COSINE_EPS, cos / (ns_c * ns_c), torch.zeros_like(cos))
         return (1.0 - cos).squeeze(-1), cs * s - t / (ns_c * nt_c)
-    if kind == 2:  # normalized_mse
+    if kind == NORMALIZED_MSE:
         ms, mt = s.mean(-1, keepdim=True), t.mean(-1, keepdim=True)
         sc, tc = s - ms, t - mt
         vs = (sc * sc).mean(-1, keepdim=True) + LAYER_NORM_EPS

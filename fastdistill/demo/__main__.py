@@ -27,6 +27,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import fastdistill as fd
 from fastdistill.demo.bpe import BPE
@@ -64,29 +65,6 @@ def batch(data: torch.Tensor, B: int, T: int, gen: torch.Generator, device):
     return x.to(device), y.to(device)
 
 
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.t0, self.n = total, desc, time.time(), 0
-        self.shown = 0.0
-
-    def update(self, **info):
-        self.n += 1
-        now = time.time()
-        if now - self.shown < 0.5 and self.n != self.total:
-            return
-        self.shown = now
-        done = int(30 * self.n / self.total)
-        rate = self.n / max(time.time() - self.t0, 1e-9)
-        extra = " ".join(f"{k} {v:.3f}" for k, v in info.items())
-        sys.stderr.write(f"\r{self.desc:22s} [{'#' * done}{'.' * (30 - done)}] "
-                         f"{self.n}/{self.total} {rate:5.1f} it/s {extra}   ")
-        if self.n == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 # ---- training -------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -111,7 +89,8 @@ def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn, cu
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(42)  # both students see the same batches
     want_curve, points = curve, []
-    bar = Progress(steps, desc)
+    # a bar on a terminal; nothing when the output is a log file (disable=None)
+    bar = tqdm(total=steps, desc=desc, disable=None, dynamic_ncols=True)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -123,7 +102,9 @@ def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn, cu
         opt.step()
         if want_curve and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             points.append((step + 1, val_loss(model, val_data, cfg, device)))
-        bar.update(loss=loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.update()
+    bar.close()
     return points
 
 
