@@ -236,6 +236,15 @@ def test_special_values(device, backend, dtype):
             fk = fd.distill_loss(s, None, teacher_topk=(idx, lp), topk_tail=tail,
                                  reduction="none", backend=backend)
             assert fk[0] == math.inf, "forward KL is +inf where P has mass and Q none"
+    # the support is the finite log-probabilities, whether or not they underflow (as the
+    # dense rules): a teacher logprob of -200 where the student is -inf makes forward KL +inf
+    lp2, s2 = lp.clone(), s.clone()
+    lp2[3, 4] = -200.0
+    s2[3, idx[3, 4]] = -math.inf
+    for tail in ("bucket", "none"):
+        fk = fd.distill_loss(s2, None, teacher_topk=(idx, lp2), topk_tail=tail,
+                             reduction="none", backend=backend)
+        assert fk[3] == math.inf and torch.isfinite(fk[4:]).all(), tail
     # reverse KL with a teacher zero where the student has mass: +inf, NaN gradient
     x = s.clone().requires_grad_()
     rk = fd.distill_loss(x, None, teacher_topk=(idx, lp), topk_tail="none", reduction="none",

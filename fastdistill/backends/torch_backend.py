@@ -249,11 +249,18 @@ def topk_bin_terms(lp: torch.Tensor, lq: torch.Tensor, code: int, beta: float):
     p, q = lp.exp(), lq.exp()
     zero = torch.zeros((), dtype=lp.dtype, device=lp.device)
 
+    inf = torch.full((), math.inf, dtype=lp.dtype, device=lp.device)
+
+    # the KL terms over the support of their weight (its finite log-probabilities, whether or
+    # not the probability underflows), +inf where the other side is -inf there
     def fkl():
-        return torch.where(p > 0, p * (lp - lq), zero), -p
+        return torch.where(lp > -math.inf, torch.where(lq == -math.inf, inf, p * (lp - lq)),
+                           zero), -p
 
     def rkl():
-        return torch.where(q > 0, q * (lq - lp), zero), torch.where(q > 0, q * (lq - lp + 1), zero)
+        on = lq > -math.inf
+        return (torch.where(on, torch.where(lp == -math.inf, inf, q * (lq - lp)), zero),
+                torch.where(on, torch.where(lp == -math.inf, inf, q * (lq - lp + 1)), zero))
 
     if code == FKL:
         return fkl()

@@ -52,16 +52,22 @@ def _bin_terms(lp, lq, beta, DIV: tl.constexpr):
     """(loss term, qh = q dD/dq) of the bins, elementwise (topk.h: bin_terms)."""
     p = tl.exp(lp)
     q = tl.exp(lq)
+    INF: tl.constexpr = float("inf")
+    if (DIV == FKL) or (DIV == RKL) or (DIV == SKL):
+        # over the support of the weight (its finite log-probabilities); +inf where the other
+        # side is -inf there (divergence.h)
+        fkl = tl.where(lp > NEG_INF, tl.where(lq == NEG_INF, INF, p * (lp - lq)), 0.0)
+        rkl = tl.where(lq > NEG_INF, tl.where(lp == NEG_INF, INF, q * (lq - lp)), 0.0)
+        rqh = tl.where(lq > NEG_INF, tl.where(lp == NEG_INF, INF, q * ((lq - lp) + 1.0)), 0.0)
     if DIV == FKL:
-        loss = tl.where(p > 0, p * (lp - lq), 0.0)
+        loss = fkl
         qh = -p
     elif DIV == RKL:
-        loss = tl.where(q > 0, q * (lq - lp), 0.0)
-        qh = tl.where(q > 0, q * ((lq - lp) + 1.0), 0.0)
+        loss = rkl
+        qh = rqh
     elif DIV == SKL:
-        loss = beta * tl.where(p > 0, p * (lp - lq), 0.0) + \
-            (1.0 - beta) * tl.where(q > 0, q * (lq - lp), 0.0)
-        qh = -beta * p + (1.0 - beta) * tl.where(q > 0, q * ((lq - lp) + 1.0), 0.0)
+        loss = beta * fkl + (1.0 - beta) * rkl
+        qh = -beta * p + (1.0 - beta) * rqh
     elif DIV == TVD:
         d = q - p
         loss = 0.5 * tl.abs(d)

@@ -14,8 +14,8 @@
 //
 // The formulas are the element terms of csrc/include/fastdistill/divergence.h (the dense
 // kernels), with the same special-value rules: 0 log 0 = 0 (a logprob of -inf is a teacher
-// probability of 0), a term is +inf where P has mass that Q lacks (forward KL keeps its finite
-// gradient -p), a mixture's log never underflows to log(0) (the larger weighted term in the log
+// probability of 0), the support of a side is its finite log-probabilities, a KL term is +inf
+// where P's support meets Q's -inf (forward KL keeps its finite gradient -p), a mixture's log never underflows to log(0) (the larger weighted term in the log
 // domain, as mix_log there), and an infinite reverse-KL term makes aux infinite: the kernels then
 // write a NaN gradient. They are kept here, small and local, rather than shared with the dense
 // kernels' internals.
@@ -61,10 +61,12 @@ FD_HD T mix_log(T m, T lp, T lq, T lwp, T lwq) {
 template <typename T>
 FD_HD void bin_terms(int32_t div, T beta, T lp, T lq, T& loss, T& qh) {
   const T p = t_exp(lp), q = t_exp(lq);
-  const T zero = T(0), one = T(1);
-  const T fkl = p > zero ? p * (lp - lq) : zero;
-  const T rkl = q > zero ? q * (lq - lp) : zero;
-  const T rkl_qh = q > zero ? q * ((lq - lp) + one) : zero;
+  const T zero = T(0), one = T(1), inf = t_inf<T>();
+  // the KL terms over the support of their weight: its finite log-probabilities, whether or
+  // not the probability underflows; +inf where the other side is -inf there (divergence.h)
+  const T fkl = lp > -inf ? (lq == -inf ? inf : p * (lp - lq)) : zero;
+  const T rkl = lq > -inf ? (lp == -inf ? inf : q * (lq - lp)) : zero;
+  const T rkl_qh = lq > -inf ? (lp == -inf ? inf : q * ((lq - lp) + one)) : zero;
   switch (div) {
     case kFKL:
       loss = fkl;
