@@ -40,7 +40,7 @@ def tail_code(tail: str) -> int:
     return TOPK_TAILS.index(tail)
 
 
-# ---- checks ---------------------------------------------------------------------------------------
+# ---- checks --------------------------------------------------------------------------------------
 
 def check_topk(teacher_topk, lead: torch.Size, lead_name: str) -> Tuple[Tensor, Tensor]:
     """(indices, logprobs) of ``teacher_topk``, checked against the inputs' leading shape;
@@ -177,7 +177,7 @@ def distill_loss_topk(cfg: DistillConfig, student_logits, teacher_topk, labels=N
     return rows.output(loss)
 
 
-# ---- fastdistill::linear_topk_distill (hidden states, chunked) -------------------------------------
+# ---- fastdistill::linear_topk_distill (hidden states, chunked) -----------------------------------
 
 def _linear_forward(h_s, w_s, b_s, indices, logprobs, labels, scale, row_factor, opts, tail, vocab,
                     s_scale, s_cap, backend, chunk_rows, needs):

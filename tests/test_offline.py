@@ -27,7 +27,7 @@ def ref_topk(z, k, T):
     return i, v
 
 
-# ---- the fused top-k ------------------------------------------------------------------------------
+# ---- the fused top-k -----------------------------------------------------------------------------
 
 TRITON = ["triton"] if backends.check("triton", CPU)[0] else []
 
@@ -66,7 +66,7 @@ def test_topk_logprobs_ties_and_errors():
         fo.topk_logprobs(z.long(), 3)
 
 
-# ---- extraction and the reader ---------------------------------------------------------------------
+# ---- extraction and the reader -------------------------------------------------------------------
 
 class TinyTeacher(torch.nn.Module):
     def __init__(self, V=97, D=16):
@@ -197,7 +197,7 @@ def test_tokenizer_fingerprint():
     assert fo.tokenizer_fingerprint(None) == "none"
 
 
-# ---- vLLM -------------------------------------------------------------------------------------------
+# ---- vLLM ----------------------------------------------------------------------------------------
 
 class Logprob:
     def __init__(self, logprob, rank=None):

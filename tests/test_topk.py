@@ -278,7 +278,7 @@ def test_nan_rules(device, backend, dtype):
         assert torch.isfinite(loss[2:]).all() and torch.isfinite(x.grad[2:]).all()
 
 
-# ---- rejected indices -----------------------------------------------------------------------------
+# ---- rejected indices ----------------------------------------------------------------------------
 
 def test_bad_indices_raise_on_cpu():
     N, V, K = 4, 50, 6
@@ -326,7 +326,7 @@ def test_bad_indices_below_the_api(device, backend, dtype):
             assert_close(rows[3:], ok[3:], rtol=1e-5, atol=1e-5, what="good rows")
 
 
-# ---- API --------------------------------------------------------------------------------------------
+# ---- API -----------------------------------------------------------------------------------------
 
 def test_argument_errors():
     N, V, K = 3, 20, 4

@@ -47,7 +47,7 @@ constexpr int kThreads = 256;
 constexpr int kWarps = kThreads / kWarp;
 constexpr int64_t kMaxMaskBytes = 48 << 10;  // dynamic shared memory without an opt-in
 
-// ---- online log-sum-exp as (max, shifted sum) ------------------------------------------------------
+// ---- online log-sum-exp as (max, shifted sum) ---------------------------------------------------
 
 struct Lse {
   float m, d;

@@ -258,7 +258,7 @@ def _build_feature(spec):
     return run, reset, grad_bytes, P * N * D * 3 * e, 0.0
 
 
-# ---- sparse (top-k) teachers against the dense one ------------------------------------------------
+# ---- sparse (top-k) teachers against the dense one -----------------------------------------------
 
 TOPK_KS = (8, 64, 256)
 

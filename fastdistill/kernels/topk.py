@@ -408,7 +408,7 @@ def topk_forward(student, indices, logprobs, labels, opts, tail, vocab, grad_sca
     return rows, grad
 
 
-# ---- extraction: fused temperature softmax + top-k ------------------------------------------------
+# ---- extraction: fused temperature softmax + top-k -----------------------------------------------
 
 @triton.jit
 def _order_key(x, cols):

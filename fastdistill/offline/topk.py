@@ -78,7 +78,7 @@ def _chunked(z: torch.Tensor, k: int, T: float):
 
 def _triton_ok() -> bool:
     try:
-        import fastdistill.kernels.topk  # noqa: F401
+        import fastdistill.kernels.topk  # noqa: F401 (triton installed and the kernels load)
         return True
     except ImportError:
         return False

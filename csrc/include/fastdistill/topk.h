@@ -15,10 +15,10 @@
 // The formulas are the element terms of csrc/include/fastdistill/divergence.h (the dense
 // kernels), with the same special-value rules: 0 log 0 = 0 (a logprob of -inf is a teacher
 // probability of 0), the support of a side is its finite log-probabilities, a KL term is +inf
-// where P's support meets Q's -inf (forward KL keeps its finite gradient -p), a mixture's log never underflows to log(0) (the larger weighted term in the log
-// domain, as mix_log there), and an infinite reverse-KL term makes aux infinite: the kernels then
-// write a NaN gradient. They are kept here, small and local, rather than shared with the dense
-// kernels' internals.
+// where P's support meets Q's -inf (forward KL keeps its finite gradient -p), a mixture's log
+// never underflows to log(0) (the larger weighted term in the log domain, as mix_log there),
+// and an infinite reverse-KL term makes aux infinite: the kernels then write a NaN gradient.
+// They are kept here, small and local, rather than shared with the dense kernels' internals.
 #pragma once
 
 #include <cmath>
