@@ -106,8 +106,8 @@ def distill_loss_with(cfg: DistillConfig, student_logits, teacher_logits, labels
         return topk.distill_loss_topk(cfg, student_logits, teacher_topk, labels, mask=mask,
                                       num_items_in_batch=num_items_in_batch)
     if teacher_logits is None:
-        raise ValueError("the teacher is needed: pass teacher_logits, or teacher_topk=(indices, "
-                         "logprobs) for a sparse teacher")
+        raise TypeError("teacher_logits must be a torch.Tensor, got NoneType (or pass "
+                        "teacher_topk=(indices, logprobs) for a sparse teacher)")
     if is_vocab_parallel(student_logits, teacher_logits, group=vocab_group):
         return vocab_parallel_distill_loss(student_logits, teacher_logits, labels, mask, cfg,
                                            num_items_in_batch, vocab_group)
