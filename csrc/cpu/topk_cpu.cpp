@@ -13,8 +13,8 @@
 //                 formed as 1 - sum q (which cancels when the indices hold most of the mass);
 //                 the full LSE follows exactly by merging in the K gathered logits; the hard
 //                 loss's own LSE of h_mul z when h_mul != s_mul;
-//   K phase       in double: the bins' log-probabilities, the loss and aux = sum qh (topk.h),
-//                 the gradient at the indices;
+//   K phase       the bins' log-probabilities in double, their terms (topk.h) in float summed
+//                 in double: the loss and aux = sum qh; the gradient at the indices;
 //   pass 2        the gradient streamed: C exp(a_j - L_ref) (+ the CE's softmax), the same
 //                 coefficient for every column outside the indices, then the K indices written
 //                 over it.
@@ -203,7 +203,7 @@ void topk_row(const TopkArgs& A, int64_t r, float grad_scale, Scratch& S) {
     }
   }
 
-  // ---- K phase (double) ----
+  // ---- K phase ----
   const double ninf = -double(fd_inf());
   double m_in = ninf;
   bool t_bad = false;
@@ -263,9 +263,11 @@ void topk_row(const TopkArgs& A, int64_t r, float grad_scale, Scratch& S) {
   }
   ok = ok && !t_bad;
   double div = 0.0, aux = 0.0, qh_tail = 0.0;
+  // the bins' terms in float (the vectorisable exp / log of fast_math.h, as on the device),
+  // summed in double
   for (int64_t b = 0; b < B; ++b) {
-    double l, qh;
-    topk::bin_terms<double>(P.divergence, double(P.beta), S.lp[b], S.lq[b], l, qh);
+    float l, qh;
+    topk::bin_terms<float>(P.divergence, P.beta, float(S.lp[b]), float(S.lq[b]), l, qh);
     div += l;
     aux += qh;
     S.qh[b] = qh;
@@ -289,10 +291,10 @@ void topk_row(const TopkArgs& A, int64_t r, float grad_scale, Scratch& S) {
   const double cs = double(grad_scale) * P.soft_scale * sm;
   const double ch = hard ? double(grad_scale) * P.hard_weight * hm : 0.0;
   for (int64_t k = 0; k < K; ++k) {
-    const double q = std::exp(S.lq[k]);
+    const double q = fd_exp(float(S.lq[k]));
     double g = cs * (S.qh[k] - aux * q);
     if (hard) {
-      const double q1 = std::exp((double(S.zk[k] * hm) - m1) - ld1);
+      const double q1 = fd_exp(float((double(S.zk[k] * hm) - m1) - ld1));
       g += ch * (q1 - (S.idx[k] == label ? 1.0 : 0.0));
     }
     S.gk[k] = nan_row ? fd_nan() : float(g);
