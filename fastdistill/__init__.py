@@ -25,6 +25,7 @@ from fastdistill.linear import linear_distill_loss
 from fastdistill.losses import DistillLoss, LinearDistillLoss
 from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
 from fastdistill.feature_distill import FeatureDistillLoss
+from fastdistill.student import make_student
 from fastdistill import offline  # noqa: F401,E402 (safetensors / tqdm load only when used)
 
 __all__ = [
@@ -43,4 +44,13 @@ __all__ = [
     "DIVERGENCES",
     "FEATURE_KINDS",
     "BackendUnavailableError",
+    "make_student",
 ]
+
+
+def __getattr__(name):
+    # fd.integrations loads on first use (its submodules import transformers / TRL)
+    if name == "integrations":
+        import importlib
+        return importlib.import_module("fastdistill.integrations")
+    raise AttributeError(f"module 'fastdistill' has no attribute {name!r}")
