@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("triton", reason="triton not installed")
 
 KERNELS = {"distill_kernel", "distill_row_kernel", "feature_kernel", "scale_rows_kernel",
-           "linear_stats_kernel", "linear_grad_kernel", "linear_finish_kernel"}
+           "linear_stats_kernel", "linear_grad_kernel", "linear_finish_kernel",
+           "topk_distill_kernel", "topk_extract_kernel"}
 # the logit-level kernels: the row kernel (the row in registers over a thread-block cluster)
 # needs sm_90, where the streaming kernel remains the fallback (rows too wide for the row
 # kernel's registers at these settings)
@@ -90,3 +91,16 @@ def test_fused_linear_uses_tensor_cores(aot_records):
     missing = [(r["name"], r["arch"]) for r in fused
                if not (r["hmma"] if r["arch"] == 80 else r["hgmma"])]
     assert not missing, f"fused linear kernels without HMMA (sm_80) / HGMMA (sm_90): {missing}"
+
+
+def test_sparse_teacher_kernels_stream_128_bits(aot_records):
+    """The top-k kernels read the student (or the logits) 128 bits at a time wherever they
+    stream it: every variant but renormalize without a hard loss, which reads only the K
+    logits of a row and writes its gradient without reading it."""
+    recs = [r for r in aot_records if r["kernel"] in ("topk_distill_kernel", "topk_extract_kernel")]
+    assert {r["arch"] for r in recs} == {80, 90}
+    streaming = [r for r in recs if not (r["divergence"].endswith(":renormalize")
+                                          and r["variant"] == "bench")]
+    scalar = [(r["name"], r["arch"]) for r in streaming if not r["ldg128"]]
+    assert streaming and not scalar, f"top-k kernels without 128-bit loads: {scalar}"
+    assert all("STG.E.128" in r["sass"] for r in recs if r["kernel"] == "topk_distill_kernel")

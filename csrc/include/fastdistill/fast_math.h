@@ -143,4 +143,75 @@ FD_HD float fd_log2(float x) {
 #endif
 }
 
+// Natural exp and log (the top-k kernels): the device intrinsics __expf (ex2.approx of x log2 e:
+// 2 + floor(|1.173 x|) ulp) and __logf; on the host branch-free polynomials (the single-precision
+// minimax fits of the Cephes library, S. L. Moshier, expf.c / logf.c; 1-2 ulp on the normal
+// range, exact special values; exp flushes results below 2^-126, x < -87.3, to zero).
+FD_HD float fd_exp(float x) {
+#if FD_DEVICE_CODE
+  return __expf(x);  // ex2.approx: 2 ulp, exact at +-inf and NaN
+#else
+  // Branch-free: comparisons with NaN are false, so NaN flows through to the result.
+  const float lo = -87.3f, hi = 88.72283905206835f;
+  float xc = x < lo ? lo : x;
+  xc = xc > hi ? hi : xc;
+  // n = round(x / ln 2) with the 1.5 * 2^23 trick: no float->int conversion of NaN.
+  const float shifter = 12582912.0f;
+  float t = xc * 1.44269504088896341f + shifter;
+  float n = t - shifter;
+  uint32_t tb = float_to_bits(t) - float_to_bits(shifter);  // low bits hold n (two's complement)
+  // r = x - n * ln 2 in two steps (Cody-Waite), |r| <= ln2 / 2
+  float r = fd_fma(n, -0.693359375f, xc);
+  r = fd_fma(n, 2.12194440e-4f, r);
+  float p = 1.9875691500e-4f;
+  p = fd_fma(p, r, 1.3981999507e-3f);
+  p = fd_fma(p, r, 8.3334519073e-3f);
+  p = fd_fma(p, r, 4.1665795894e-2f);
+  p = fd_fma(p, r, 1.6666665459e-1f);
+  p = fd_fma(p, r, 5.0000001201e-1f);
+  p = fd_fma(p * r, r, r) + 1.0f;
+  // 2^n as 2^(n-1) * 2 so n = 128 still has a finite scale; n = -126 gives scale 0 (flush).
+  uint32_t e = (tb + 126u) << 23;
+  float res = p * bits_to_float(e) * 2.0f;
+  res = x < lo ? 0.0f : res;
+  res = x > hi ? fd_inf() : res;
+  return res;
+#endif
+}
+
+FD_HD float fd_log(float x) {
+#if FD_DEVICE_CODE
+  return __logf(x);  // lg2.approx based; -inf at 0, NaN below
+#else
+  // Scale denormals into the normal range first.
+  const bool tiny = x < 1.17549435e-38f;
+  float xs = tiny ? x * 8388608.0f : x;  // 2^23
+  uint32_t u = float_to_bits(xs);
+  float e = (float)(int32_t)((u >> 23) & 0xff) - 126.0f - (tiny ? 23.0f : 0.0f);
+  float m = bits_to_float((u & 0x007fffffu) | 0x3f000000u);  // mantissa in [0.5, 1)
+  const bool small = m < 0.707106781186547524f;
+  e = small ? e - 1.0f : e;
+  m = small ? m + m - 1.0f : m - 1.0f;
+  float z = m * m;
+  float y = 7.0376836292e-2f;
+  y = fd_fma(y, m, -1.1514610310e-1f);
+  y = fd_fma(y, m, 1.1676998740e-1f);
+  y = fd_fma(y, m, -1.2420140846e-1f);
+  y = fd_fma(y, m, 1.4249322787e-1f);
+  y = fd_fma(y, m, -1.6668057665e-1f);
+  y = fd_fma(y, m, 2.0000714765e-1f);
+  y = fd_fma(y, m, -2.4999993993e-1f);
+  y = fd_fma(y, m, 3.3333331174e-1f);
+  y = y * m * z;
+  y = fd_fma(e, -2.12194440e-4f, y);
+  y = fd_fma(-0.5f, z, y);
+  float res = fd_fma(e, 0.693359375f, m + y);
+  res = x == 0.0f ? -fd_inf() : res;
+  res = x < 0.0f ? fd_nan() : res;
+  res = x == fd_inf() ? fd_inf() : res;
+  res = x != x ? x : res;
+  return res;
+#endif
+}
+
 }  // namespace fastdistill

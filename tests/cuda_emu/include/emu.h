@@ -41,6 +41,10 @@
 
 #include "fastdistill/dtype.h"
 
+// kernels that need a construct the emulation spells differently (dynamic shared memory) test
+// this
+#define FD_CUDA_EMU 1
+
 #define __global__
 #define __device__
 #define __host__
@@ -212,7 +216,10 @@ struct Warp {
 };
 
 struct Block {
-  Block(int n, size_t smem) : bar(n), warps(n / 32), shared((smem + 15) / 16 + 1) {}
+  // dynamic shared memory filled with a pattern rather than zeros, as the GPU gives no zeros
+  Block(int n, size_t smem)
+      : bar(n), warps(n / 32),
+        shared((smem + 15) / 16 + 1, uint4{0xa5a5a5a5u, 0xa5a5a5a5u, 0xa5a5a5a5u, 0xa5a5a5a5u}) {}
   Barrier bar;
   std::vector<Warp> warps;
   std::vector<uint4> shared;  // dynamic shared memory
@@ -240,6 +247,10 @@ inline void trampoline() {
 template <typename T>
 inline T* dynamic_smem() {
   return reinterpret_cast<T*>(block().shared.data());
+}
+template <typename T>
+inline T* dynamic_shared() {  // the spelling of kernels that test FD_CUDA_EMU
+  return dynamic_smem<T>();
 }
 
 // Fiber stacks: reserved, not committed (pages are touched on use).
@@ -325,6 +336,14 @@ inline cudaError_t run(dim3 grid, dim3 block_dim, size_t smem, unsigned cluster_
 }  // namespace emu
 
 inline void __syncthreads() { emu::block().bar.sync("__syncthreads"); }
+
+// fibers of a block run on one OS thread and switch only at barriers: a read-modify-write is
+// atomic
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
 
 template <typename T>
 inline T __shfl_down_sync(unsigned, T v, int off) {
