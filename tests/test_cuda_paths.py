@@ -25,7 +25,8 @@ from util import BF16, F16, F32, assert_close, logits, tolerances
 emu = pytest.importorskip("emu_backend")
 from util import _emu_available  # noqa: E402
 
-pytestmark = pytest.mark.skipif(not _emu_available(), reason="needs a C++ compiler and fastdistill._C")
+pytestmark = pytest.mark.skipif(not _emu_available(),
+                                reason="needs a C++ compiler and fastdistill._C")
 
 DIVS = fd.DIVERGENCES
 SM80 = (8, 163 << 10)        # A100: no clusters, 163 KB of shared memory per block

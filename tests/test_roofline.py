@@ -36,7 +36,7 @@ BUDGETS = {
     ("triton", "distill_row_kernel", "skew_forward_kl", "bf16", ""): (71, "65.06"),
     ("triton", "distill_row_kernel", "skew_reverse_kl", "bf16", ""): (72, "66.12"),
     ("triton", "distill_row_kernel", "tvd", "bf16", ""): (47, "43.09"),
-    ("triton", "distill_row_kernel", "forward_kl", "fp32", ""): (47, "42.94: 16 columns per thread"),
+    ("triton", "distill_row_kernel", "forward_kl", "fp32", ""): (47, "42.94: 16 columns each"),
     ("triton", "distill_row_kernel", "reverse_kl", "fp32", ""): (51, "46.5"),
     ("triton", "distill_row_kernel", "symmetric_kl", "fp32", ""): (59, "54.31"),
     ("triton", "distill_row_kernel", "jsd", "fp32", ""): (70, "64.44"),

@@ -70,8 +70,8 @@ def test_row_plan():
 
 @pytest.mark.parametrize("dtype", [F32, F16])  # no bfloat16 arithmetic in the interpreter
 def test_several_tiles_and_padding_columns(monkeypatch, dtype):
-    """A row kernel of several tiles (an unaligned row of 1029 columns: 3 tiles), a gradient wider than
-    the vocabulary (zeros past V), the gradient written over the student."""
+    """A row kernel of several tiles (an unaligned row of 1029 columns: 3 tiles), a gradient
+    wider than the vocabulary (zeros past V), the gradient written over the student."""
     monkeypatch.setattr(distill, "VIRTUAL_CAPABILITY", (9, 0))
     N, V, W = 2, 1029, 1040
     big = logits((N, W + 1), dtype)

@@ -293,7 +293,9 @@ __device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluste
 __device__ __forceinline__ void cluster_arrive() {
   (void)cooperative_groups::this_cluster().barrier_arrive();
 }
-__device__ __forceinline__ void cluster_wait() { cooperative_groups::this_cluster().barrier_wait(); }
+__device__ __forceinline__ void cluster_wait() {
+  cooperative_groups::this_cluster().barrier_wait();
+}
 template <typename T>
 __device__ __forceinline__ T* cluster_peer(T* p, int rank) {
   return cooperative_groups::this_cluster().map_shared_rank(p, rank);

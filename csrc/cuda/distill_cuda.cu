@@ -3,34 +3,34 @@
 // csrc/include/fastdistill/divergence.h (log2 domain) shared with it; only the data movement,
 // the fast paths and the reductions live here. Two kernels:
 //
-// distill_kernel (the default): the row stays in shared memory and HBM is read once.
-//   A row is split into C contiguous slices (C = 1, 2, 4, 8 or 16 CTAs: a thread-block cluster on
-//   sm_90; C = 1 on sm_80, for rows that fit one CTA). Each CTA copies its slice of s and t into
-//   shared memory with cp.async (the whole slice in flight at once, no registers held), computes
-//   per-thread running statistics while the copies land, reduces them once per CTA, and the CTAs
-//   of the cluster exchange their partial statistics through distributed shared memory (every
-//   CTA merges the C partials in the same order: the same bits everywhere). The later passes
-//   (loss and aux of the mixture divergences, then the gradient) read shared memory; pass 2 of
-//   jsd / skew / tvd keeps h_j in shared memory for the gradient (one exponential per element in
-//   pass 3 instead of three or four MUFU operations). HBM traffic per row: V (E_s + E_t) read,
-//   W E_s written: the floor.
+// distill_kernel (the default; "resident"): the row stays in shared memory, HBM is read once.
+//   A row is split into C contiguous slices (C = 1, 2, 4, 8 or 16 CTAs: a thread-block cluster
+//   on sm_90; C = 1 on sm_80, for rows that fit one CTA), chosen by the launcher (plan_resident)
+//   from the row's bytes and the shared memory per block. Each CTA copies its slice of s and t
+//   into shared memory with cp.async, eight units per thread in flight (a pipeline of constant
+//   depth, no registers held), computes per-thread running statistics as the copies land,
+//   reduces them once per CTA (the maxima, then plain sums), and the CTAs of the cluster
+//   exchange their states through distributed shared memory (every CTA merges the C states in
+//   the same order: the same bits everywhere). The later passes read shared memory: pass 2 of
+//   jsd / skew / tvd (loss and aux) keeps h_j there, so that pass 3 (the gradient) computes one
+//   exponential per element. HBM traffic per row: V (E_s + E_t) read, W E_s written.
 //   Rows whose start is not 16-byte aligned (GPT-2's V = 50257, vocabulary slices) are copied as
-//   aligned 16-byte vectors, with scalar loads for the partial vectors at the ends of the row, and
-//   realigned in shared memory (word reads and funnel shifts); misaligned gradient rows are staged
-//   in shared memory and written as aligned vectors with scalar ends. Either way thread t handles
-//   the same columns, so results do not depend on the alignment of a row, bitwise.
+//   aligned 16-byte vectors, with element loads for the partial vectors at the ends of the row,
+//   and realigned in shared memory (word reads and funnel shifts); misaligned gradient rows are
+//   staged in shared memory and written as aligned vectors with element stores at the ends.
+//   Either way thread t handles the same columns: results do not depend on a row's alignment.
 //
-// distill_stream_kernel (fallback: student and teacher of different dtypes, rows too wide for 16 CTAs of
-//   shared memory, sm_80 rows wider than one CTA's shared memory): one block per row streams the
-//   row from global memory two times (forward / reverse / symmetric KL) or three times (jsd,
-//   skew, tvd), 16-byte loads for 16-byte aligned rows, scalar loads otherwise.
+// distill_stream_kernel (fallback: student and teacher of different dtypes, rows too wide for
+//   16 CTAs of shared memory, sm_80 rows wider than one CTA's): one block per row streams the row
+//   from global memory two times (forward / reverse / symmetric KL) or three times (jsd, skew,
+//   tvd), 16-byte loads for 16-byte aligned rows, element loads otherwise.
 //
-// Pass 1 in both: per thread, per unit of N columns (16 bytes of the student), the running maxima
-// of the raw logits, then 2^((z - m) k) with one MUFU.EX2 (ex2.approx.ftz) per element. The KL
-// numerators are taken without their -inf guards and a unit whose partial numerator is not
-// finite (a -inf logit) is redone with the guarded terms of divergence.h; the same holds for the
-// loss terms of pass 2. All math is float32; reductions are fixed shuffle trees and fixed merge
-// orders (deterministic, no atomics).
+// Pass 1 in both: per thread, per unit of N columns (16 bytes of the student), the unit's maxima
+// of the raw logits (a new running maximum is rare), then u = fma(z, k, -m) and 2^u (one
+// MUFU.EX2, ex2.approx.ftz). The KL numerators are taken without their -inf guards, and a unit
+// whose partial numerator is not finite (a -inf logit) is redone with the guarded terms of
+// divergence.h; the same holds for the loss terms of pass 2. All math is float32; reductions are
+// fixed shuffle trees and fixed merge orders (deterministic, no atomics).
 //
 // Ignored rows / bad labels: W E_s written (zeros), nothing read.
 // Aliasing: grad may be the student buffer. Every global read of a row's student logits happens
@@ -57,7 +57,7 @@ struct Consts {
   MixWeights mw;
 };
 
-// ---- pass 1: per-thread running statistics -------------------------------------------------------
+// ---- pass 1: per-thread running statistics ------------------------------------------------------
 // The divergence statistics (divergence.h: Online, shifts m = maxima of k z) and, for a hard loss
 // with its own multiplier (h_mul != s_mul), the shifted sum d1 of 2^(k_h z_s - m_1), with the
 // shift m_1 = m_s h_mul / s_mul derived from the student's (within an ulp or two of max k_h z_s,
@@ -204,7 +204,8 @@ __device__ __forceinline__ void sums_of(const Pass1& x, float (&v)[pass1_sums<DI
 }
 
 template <int32_t DIV>
-__device__ __forceinline__ Pass1 with_sums(float ms, float mt, const float (&v)[pass1_sums<DIV>()]) {
+__device__ __forceinline__ Pass1 with_sums(float ms, float mt,
+                                           const float (&v)[pass1_sums<DIV>()]) {
   Pass1 x{Online<float>{ms, mt, v[0], v[1], 0.0f, 0.0f}, v[2]};
   int i = 3;
   if (uses_wf(DIV)) x.o.wf = v[i++];
@@ -280,7 +281,7 @@ __device__ __forceinline__ Row finish_pass1(const Pass1& R, float beta, float hr
   return r;
 }
 
-// ---- pass 2: loss and aux = sum q h of the mixture and tvd divergences ---------------------------
+// ---- pass 2: loss and aux = sum q h of the mixture and tvd divergences --------------------------
 // One unit: adds its loss terms (unit of loss_unit<DIV>) and q h terms, and sets h[k] = h_j.
 // Unguarded formulas; a unit whose sums are not finite (a -inf logit) is redone with pass2_elem.
 template <int32_t DIV, int N>
@@ -338,7 +339,7 @@ __device__ __forceinline__ void pass2_unit(const float (&zs)[N], const float (&z
   aux += a;
 }
 
-// ---- pass 3: the gradient of one unit ------------------------------------------------------------
+// ---- pass 3: the gradient of one unit -----------------------------------------------------------
 // Per-row constants of the gradient.
 struct GradConsts {
   float cs;  // grad_scale soft_scale s_mul (d/dz = s_mul d/da)
@@ -416,7 +417,7 @@ __device__ __forceinline__ void grad_unit(const float (&zs)[N], const float (&zt
   }
 }
 
-// ---- stream kernel --------------------------------------------------------------------------------
+// ---- stream kernel ------------------------------------------------------------------------------
 
 // Calls f(c, zs, zt) for this thread's units with first column c < end, in order. zs, zt hold
 // columns c .. c + N - 1 of student and teacher as float (-inf at columns >= limit, which are
@@ -539,7 +540,7 @@ __global__ void __launch_bounds__(kThreads, 3) distill_stream_kernel(const Kerne
                     });
 }
 
-// ---- resident kernel --------------------------------------------------------------------------------
+// ---- resident kernel ----------------------------------------------------------------------------
 //
 // Shared memory of one CTA (dynamic, 16-byte slots), for a slice of `su` units:
 //   header   kHeaderSlots slots: the exchange areas read by the other CTAs of the cluster
@@ -664,7 +665,8 @@ __device__ __forceinline__ void fill_columns(void* row, int c_begin, int c_end, 
   for (int k = 0; k < N; ++k) g[k] = value;
   const uint4 v = floats_slot<DT>(g);
   if (first < last) {
-    for (uintptr_t p = first + uintptr_t(threadIdx.x) * 16; p < last; p += uintptr_t(blockDim.x) * 16)
+    const uintptr_t step = uintptr_t(blockDim.x) * 16;
+    for (uintptr_t p = first + uintptr_t(threadIdx.x) * 16; p < last; p += step)
       *reinterpret_cast<uint4*>(p) = v;
   }
   // the scalar ends: [lo, min(first, hi)) and [max(last, first), hi)
@@ -842,7 +844,8 @@ __global__ void __launch_bounds__(kResThreads, 3) distill_kernel(const ResidentA
         } else {
 #pragma unroll
           for (int i = 0; i < N; i += 4)
-            *reinterpret_cast<float4*>(H + u * N + i) = make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]);
+            *reinterpret_cast<float4*>(H + u * N + i) =
+                make_float4(h[i], h[i + 1], h[i + 2], h[i + 3]);
         }
       }
     }
@@ -968,7 +971,7 @@ __global__ void __launch_bounds__(kResThreads, 3) distill_kernel(const ResidentA
   if (C > 1) cluster_wait();
 }
 
-// ---- launchers ----------------------------------------------------------------------------------------
+// ---- launchers ----------------------------------------------------------------------------------
 
 // What the launcher needs to know of the device (queried once per device and thread; host
 // calls that do not synchronise).

@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-# ---- cuobjdump ------------------------------------------------------------------------------------
+# ---- cuobjdump -----------------------------------------------------------------------------------
 
 
 def nvidia_bin(tool: str) -> str:
@@ -586,7 +586,7 @@ def collect(wls: Optional[List[Workload]] = None) -> List[Spec]:
     return specs
 
 
-# ---- compile and read -----------------------------------------------------------------------------
+# ---- compile and read ----------------------------------------------------------------------------
 
 
 def _cache_dir() -> str:

@@ -23,7 +23,8 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LAUNCH = re.compile(r"(\w+(?:<[^;{}<>]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
-DYN_SHARED = re.compile(r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;")
+DYN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def _inputs():
@@ -37,8 +38,8 @@ def _inputs():
 def rewrite(src: str) -> str:
     out = LAUNCH.sub(lambda m: f"emu_launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});",
                      src)
-    return DYN_SHARED.sub(lambda m: f"{m.group(1)}* {m.group(2)} = emu::dynamic_smem<{m.group(1)}>();",
-                          out)
+    return DYN_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = emu::dynamic_smem<{m.group(1)}>();", out)
 
 
 def compiler():

@@ -297,7 +297,8 @@ FD_HD Acc pass1_divergence(const Online<Acc>& x, float beta, Acc& rkl2) {
   rkl2 = uses_wr(DIV) ? online_rkl2(x) : Acc(0);
   if (DIV == kForwardKL) return Acc(kLn2) * online_fkl2(x);
   if (DIV == kReverseKL) return Acc(kLn2) * rkl2;
-  if (DIV == kSymmetricKL) return Acc(kLn2) * (Acc(beta) * online_fkl2(x) + Acc(1.0f - beta) * rkl2);
+  if (DIV == kSymmetricKL)
+    return Acc(kLn2) * (Acc(beta) * online_fkl2(x) + Acc(1.0f - beta) * rkl2);
   return Acc(0);
 }
 

@@ -403,7 +403,8 @@ struct cluster_group {
       std::fprintf(stderr, "emulated map_shared_rank: not a shared-memory address or bad rank\n");
       std::abort();
     }
-    return reinterpret_cast<T*>(reinterpret_cast<char*>(emu::cluster->blocks[rank]->shared.data()) + off);
+    char* peer = reinterpret_cast<char*>(emu::cluster->blocks[rank]->shared.data());
+    return reinterpret_cast<T*>(peer + off);
   }
 };
 inline cluster_group this_cluster() { return cluster_group{}; }
