@@ -8,9 +8,13 @@ import pytest
 
 pytest.importorskip("triton", reason="triton not installed")
 
-KERNELS = {"distill_kernel", "feature_kernel", "scale_rows_kernel", "linear_stats_kernel",
-           "linear_grad_kernel", "linear_finish_kernel", "topk_distill_kernel",
-           "topk_extract_kernel"}
+KERNELS = {"distill_kernel", "distill_row_kernel", "feature_kernel", "scale_rows_kernel",
+           "linear_stats_kernel", "linear_grad_kernel", "linear_finish_kernel",
+           "topk_distill_kernel", "topk_extract_kernel"}
+# the logit-level kernels: the row kernel (the row in registers over a thread-block cluster)
+# needs sm_90, where the streaming kernel remains the fallback (rows too wide for the row
+# kernel's registers at these settings)
+LOGIT = ("distill_kernel", "distill_row_kernel")
 
 
 def test_every_kernel_compiled_for_both_archs(aot_records):
@@ -18,17 +22,23 @@ def test_every_kernel_compiled_for_both_archs(aot_records):
     assert kernels == KERNELS, f"kernels launched by the workloads: {sorted(kernels)}"
     for k in kernels:
         archs = {r["arch"] for r in aot_records if r["kernel"] == k}
-        assert archs == {80, 90}, f"{k} compiled for {sorted(archs)}, expected sm_80 and sm_90"
-    # every divergence of the logit-level kernel, both dtypes, the heavier variant on both archs
+        want = {90} if k == "distill_row_kernel" else {80, 90}
+        if k == "distill_kernel":
+            assert 80 in archs, archs
+        else:
+            assert archs == want, f"{k} compiled for {sorted(archs)}, expected {sorted(want)}"
+    # every divergence of the logit-level kernels, both dtypes, the heavier variant on both archs
     from fastdistill.divergences import DIVERGENCE_CODES
     for arch in (80, 90):
         got = {(r["divergence"], r["dtype"]) for r in aot_records
-               if r["kernel"] == "distill_kernel" and r["arch"] == arch and r["variant"] == "hard"}
+               if r["kernel"] in LOGIT and r["arch"] == arch and r["variant"] == "hard"}
         assert got == {(d, t) for d in DIVERGENCE_CODES for t in ("bf16", "fp32")}, (arch, got)
+    assert all(r["kernel"] == "distill_kernel" for r in aot_records
+               if r["kernel"] in LOGIT and r["arch"] == 80)
 
 
 def test_specs_follow_the_launchers(aot_records, monkeypatch):
-    """The compiled configurations are what the launchers pass: tiles and warps of
+    """The compiled configurations are what the launchers pass: tiles, warps and clusters of
     fastdistill.kernels at the benchmark shapes (V = 128256, D = 4096, bf16), outside the
     interpreter (which this process runs, with small tiles)."""
     import torch
@@ -39,6 +49,15 @@ def test_specs_follow_the_launchers(aot_records, monkeypatch):
     d = [r for r in aot_records if r["kernel"] == "distill_kernel" and r["dtype"] == "bf16"]
     assert d and all(r["constexprs"]["BLOCK"] == distill.block_size(128256) for r in d)
     assert all(r["num_warps"] == distill.launch_options(2048)["num_warps"] for r in d)
+    rows = [r for r in aot_records if r["kernel"] == "distill_row_kernel" and r["dtype"] == "bf16"]
+    assert rows
+    from fastdistill.divergences import DIVERGENCE_CODES
+    for r in rows:
+        elems = distill.row_elems(DIVERGENCE_CODES[r["divergence"]], 2, True,
+                                  r["variant"] == "hard")
+        nt, tb, ctas, warps = distill.row_plan(128256, 2, (9, 0), elems=elems)
+        assert (r["constexprs"]["NT"], r["constexprs"]["TB"], r["num_ctas"], r["num_warps"]) \
+            == (nt, tb, ctas, warps), r["name"]
     g = [r for r in aot_records if r["kernel"] == "linear_grad_kernel"]
     BM, BN, BK, warps = linear._tiles(torch.bfloat16, "grad")
     assert g and all((r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"],
@@ -52,8 +71,8 @@ def test_no_spills(aot_records):
     assert not bad, f"kernels using local memory (spills), expected none: {bad}"
 
 
-STREAMING = ("distill_kernel", "feature_kernel", "scale_rows_kernel", "linear_stats_kernel",
-             "linear_grad_kernel")
+STREAMING = ("distill_kernel", "distill_row_kernel", "feature_kernel", "scale_rows_kernel",
+             "linear_stats_kernel", "linear_grad_kernel")
 
 
 def test_vectorised_loads(aot_records):

@@ -12,8 +12,10 @@
 // a batch equals the same row passed on its own, bitwise).
 #pragma once
 
+#include <cooperative_groups.h>
 #include <cuda_bf16.h>
 #include <cuda_fp16.h>
+#include <cuda_pipeline_primitives.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -257,6 +259,57 @@ __device__ __forceinline__ void block_sum(T (&x)[N], T* sm) {
 #pragma unroll
   for (int i = 0; i < N; ++i) x[i] = sm[kWarp * N + i];
 }
+
+// ---- shared-memory staging ----------------------------------------------------------------------
+// 16 bytes global -> shared without a register round trip (cp.async on sm_80+; the copies of a
+// thread complete in the order of its commits: wait_async(n) returns once at most n of its
+// groups are still in flight).
+__device__ __forceinline__ void copy_async16(void* smem, const void* gmem) {
+  __pipeline_memcpy_async(smem, gmem, 16);
+}
+__device__ __forceinline__ void commit_async() { __pipeline_commit(); }
+__device__ __forceinline__ void wait_async(int pending) {
+  __pipeline_wait_prior(pending < 0 ? 0 : size_t(pending));
+}
+
+// 16 bytes starting `shift` bytes (0 <= shift < 16, a multiple of 2) into the 32-bit words
+// w[0 .. 4] of shared memory: the realignment of a row whose start is not 16-byte aligned.
+// Word reads and funnel shifts (5 LDS.32 + 4 SHF), no dynamic register indexing.
+__device__ __forceinline__ uint4 read_shifted(const uint32_t* w, int shift) {
+  const uint32_t* p = w + (shift >> 2);
+  const int r = (shift & 3) * 8;
+  const uint32_t a = p[0], b = p[1], c = p[2], d = p[3], e = p[4];
+  return make_uint4(__funnelshift_r(a, b, r), __funnelshift_r(b, c, r), __funnelshift_r(c, d, r),
+                    __funnelshift_r(d, e, r));
+}
+
+// ---- thread-block clusters (sm_90) -------------------------------------------------------------
+// The CTAs of a cluster see each other's shared memory (distributed shared memory). Compiled for
+// targets that have clusters (and the host emulation); elsewhere the launchers only use clusters
+// of one CTA and these are never called.
+#if (defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900) || defined(FD_EMU_CLUSTERS)
+#define FD_HAS_CLUSTERS 1
+__device__ __forceinline__ void cluster_sync() { cooperative_groups::this_cluster().sync(); }
+__device__ __forceinline__ void cluster_arrive() {
+  (void)cooperative_groups::this_cluster().barrier_arrive();
+}
+__device__ __forceinline__ void cluster_wait() {
+  cooperative_groups::this_cluster().barrier_wait();
+}
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int rank) {
+  return cooperative_groups::this_cluster().map_shared_rank(p, rank);
+}
+#else
+#define FD_HAS_CLUSTERS 0
+__device__ __forceinline__ void cluster_sync() {}
+__device__ __forceinline__ void cluster_arrive() {}
+__device__ __forceinline__ void cluster_wait() {}
+template <typename T>
+__device__ __forceinline__ T* cluster_peer(T* p, int) {
+  return p;
+}
+#endif
 
 // ---- launch status ------------------------------------------------------------------------------
 

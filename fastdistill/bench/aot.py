@@ -40,7 +40,7 @@ import tempfile
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
 
-# ---- cuobjdump ------------------------------------------------------------------------------------
+# ---- cuobjdump -----------------------------------------------------------------------------------
 
 
 def nvidia_bin(tool: str) -> str:
@@ -204,6 +204,20 @@ class Launch:
 
 
 @contextlib.contextmanager
+def target_capability(arch: int) -> Iterator[None]:
+    """Within the block, launchers that choose a kernel by the device's compute capability
+    (kernels/distill.py: the row kernel needs clusters, sm_90) see sm_`arch` for tensors that
+    are not on a CUDA device."""
+    from fastdistill.kernels import distill
+    original = distill.VIRTUAL_CAPABILITY
+    distill.VIRTUAL_CAPABILITY = (arch // 10, arch % 10)
+    try:
+        yield
+    finally:
+        distill.VIRTUAL_CAPABILITY = original
+
+
+@contextlib.contextmanager
 def capture() -> Iterator[List[Launch]]:
     """Within the block, launching any Triton kernel records a :class:`Launch` instead of
     running (no GPU, no driver)."""
@@ -272,19 +286,19 @@ def _torch_dtype(name):
     return {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[name]
 
 
-def _distill_workload(dtype, divergence, variant):
+def _distill_workload(dtype, divergence, variant, V=V_BENCH):
     import torch
     from fastdistill import backends
     from fastdistill.config import DistillConfig
     dt = _torch_dtype(dtype)
-    s = torch.empty(N_BENCH, V_BENCH, dtype=dt, device="meta")
+    s = torch.empty(N_BENCH, V, dtype=dt, device="meta")
     t = torch.empty_like(s)
     labels = torch.empty(N_BENCH, dtype=torch.int64, device="meta")
     kw = VARIANTS[variant]
     opts = DistillConfig(divergence=divergence, beta=0.5, temperature=kw["temperature"],
                          hard_weight=kw["hard_weight"]).kernel_options()
     scale = torch.empty((), dtype=torch.float32, device="meta")
-    backends.get("triton").distill_forward(s, t, labels, opts, V_BENCH, scale, True)
+    backends.get("triton").distill_forward(s, t, labels, opts, V, scale, True)
 
 
 def _scale_workload(dtype):
@@ -386,7 +400,10 @@ LINEAR_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "symmetric_kl")
 
 def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear", "topk",
                                        "extract"),
-              variants: Tuple[str, ...] = ("bench", "hard")) -> List[Workload]:
+              variants: Tuple[str, ...] = ("bench", "hard"),
+              vocabs: Tuple[int, ...] = ()) -> List[Workload]:
+    """The workloads of `ops`; `vocabs`: the logit-level bench settings at these vocabulary
+    sizes too (variant "bench@V"; kernels whose code depends on V, e.g. the row kernel's tiles)."""
     from fastdistill.divergences import DIVERGENCE_CODES
     out = []
     for dtype in DTYPES:
@@ -395,6 +412,11 @@ def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear", "
                 for var in variants:
                     out.append(Workload("distill", dtype, div, var,
                                         lambda d=dtype, v=div, w=var: _distill_workload(d, v, w)))
+                for V in vocabs:
+                    if V != V_BENCH:
+                        out.append(Workload(
+                            "distill", dtype, div, f"bench@{V}",
+                            lambda d=dtype, v=div, n=V: _distill_workload(d, v, "bench", n)))
         if "feature" in ops:
             for code, kind in enumerate(FEATURE_KINDS):
                 # D = 4096 (the preset: the row lives in registers) and a row wider than a tile
@@ -552,7 +574,10 @@ def collect(wls: Optional[List[Workload]] = None) -> List[Spec]:
             varying = sorted(k for k in consts[0] if len({repr(c.get(k)) for c in consts}) > 1)
             for la, c in zip(las, consts):
                 key = _spec_key(la)
-                if key in seen:
+                # a kernel already compiled for another workload is skipped, but for the
+                # logit-level settings at other vocabulary sizes (bench@V): the model looks
+                # the kernel of each V up by its label (compiled once: the cache is by key)
+                if key in seen and not wl.variant.startswith("bench@"):
                     continue
                 seen.add(key)
                 tag = "".join(f",{k}={c[k]}" for k in varying)
@@ -561,7 +586,7 @@ def collect(wls: Optional[List[Workload]] = None) -> List[Spec]:
     return specs
 
 
-# ---- compile and read -----------------------------------------------------------------------------
+# ---- compile and read ----------------------------------------------------------------------------
 
 
 def _cache_dir() -> str:
@@ -599,6 +624,7 @@ def compile_spec(spec: Spec, arch: int, cache: Optional[str] = None) -> Dict[str
         rec = dict(reg=usage["reg"], stack=usage["stack"], shared=max(usage["shared"],
                                                                       k.metadata.shared),
                    local=usage["local"], num_warps=k.metadata.num_warps,
+                   num_ctas=getattr(k.metadata, "num_ctas", 1),
                    num_stages=getattr(k.metadata, "num_stages", None), sass=sass)
         tmp = f"{path}.{os.getpid()}.tmp"
         with open(tmp, "w") as f:
@@ -622,14 +648,18 @@ def summary_flags(rec: Dict[str, Any]) -> Dict[str, bool]:
 def compile_all(archs=(90,), name_filter: str = "", cache: Optional[str] = None,
                 wls: Optional[List[Workload]] = None, log=None,
                 shard: Tuple[int, int] = (0, 1),
-                variants: Tuple[str, ...] = tuple(VARIANTS)) -> List[Dict[str, Any]]:
+                variants: Tuple[str, ...] = tuple(VARIANTS),
+                vocabs: Tuple[int, ...] = ()) -> List[Dict[str, Any]]:
     """Records of every captured kernel (or those whose name contains `name_filter`; with
     shard (i, n), every n-th one from the i-th) for each arch."""
     records = []
-    wls = wls if wls is not None else workloads(variants=variants)
-    specs = [s for s in collect(wls) if not name_filter or name_filter in s.name]
-    for spec in specs[shard[0]::shard[1]]:
-        for arch in archs:
+    wls = wls if wls is not None else workloads(variants=variants, vocabs=vocabs)
+    for arch in archs:
+        # the launches as the launchers make them for this target (they may pick kernels by
+        # the compute capability)
+        with target_capability(arch):
+            specs = [s for s in collect(wls) if not name_filter or name_filter in s.name]
+        for spec in specs[shard[0]::shard[1]]:
             rec = compile_spec(spec, arch, cache)
             rec.update(summary_flags(rec))
             records.append(rec)
@@ -643,8 +673,8 @@ def compile_all(archs=(90,), name_filter: str = "", cache: Optional[str] = None,
 def compile_in_subprocess(archs=(80, 90), out_dir: Optional[str] = None,
                           cache: Optional[str] = None, name_filter: str = "",
                           timeout: float = 1800, jobs: Optional[int] = None,
-                          variants: Optional[Dict[int, Tuple[str, ...]]] = None
-                          ) -> List[Dict[str, Any]]:
+                          variants: Optional[Dict[int, Tuple[str, ...]]] = None,
+                          vocabs: Tuple[int, ...] = ()) -> List[Dict[str, Any]]:
     """compile_all in fresh processes without TRITON_INTERPRET (for callers whose process runs
     the interpreter, e.g. the tests), `jobs` of them in parallel (default: one per arch), the
     kernels dealt out between them; `variants` per arch (default: all of VARIANTS)."""
@@ -666,6 +696,8 @@ def compile_in_subprocess(archs=(80, 90), out_dir: Optional[str] = None,
                 cmd += ["--filter", name_filter]
             if variants and arch in variants:
                 cmd += ["--variants", *variants[arch]]
+            if vocabs:
+                cmd += ["--vocabs", *(str(v) for v in vocabs)]
             procs.append((subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE,
                                            stderr=subprocess.STDOUT, text=True), path, arch))
     records = []
@@ -689,11 +721,13 @@ def main(argv=None) -> int:
     ap.add_argument("--shard", default="0/1", help="i/n: every n-th kernel from the i-th")
     ap.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                     help="loss settings of the logit-level and linear kernels")
+    ap.add_argument("--vocabs", nargs="*", type=int, default=[],
+                    help="the logit-level bench settings at these vocabulary sizes too")
     args = ap.parse_args(argv)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
     i, n = (int(x) for x in args.shard.split("/"))
     records = compile_all(args.arch, args.filter, args.cache, shard=(i, n),
-                          variants=tuple(args.variants),
+                          variants=tuple(args.variants), vocabs=tuple(args.vocabs),
                           log=lambda m: print(m, flush=True))
     if args.json:
         with open(args.json, "w") as f:

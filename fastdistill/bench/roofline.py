@@ -142,6 +142,7 @@ class LoopInfo:
     widest_load: str
     mma: Dict[str, int]
     depth: int
+    shared_load_bits: int = 0  # shared-memory bits loaded per thread (LDS)
     elems: float = 0.0         # elements per thread per iteration (streaming loops)
     elems_from_loads: float = 0.0
     kind: str = ""             # stream (a pass over the row), tile (over logit tiles), k (GEMM)
@@ -222,15 +223,15 @@ class Analysis:
         return self.ctas_per_sm * math.ceil(self.threads / 32)
 
 
-def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int) -> LoopInfo:
-    path = cfg.steady_path(loop)
+def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int, must_mufu: bool = False) -> LoopInfo:
+    path = cfg.steady_path(loop, must_mufu)
     inner = cfg.inner_blocks(loop)
     c = S.count(cfg.path_instrs(path, inner))
     blocks = loop.body if loop is not None else range(len(cfg.blocks))
     static = sum(len(cfg.block_instrs(b)) for b in blocks if b not in inner)
     start, end = cfg.loop_range(loop) if loop is not None else (0, cfg.ins[-1].addr)
     return LoopInfo(start, end, c.instr, static, c.mufu, c.barriers, c.shuffles, c.load_bits,
-                    c.store_bits, c.widest_load, c.mma, depth)
+                    c.store_bits, c.widest_load, c.mma, depth, shared_load_bits=c.shared_load_bits)
 
 
 # kernels of sparse (top-k) teachers: their passes over the vocabulary read 128 bits at a time
@@ -252,6 +253,8 @@ def _tile(rec) -> int:
     c = rec.get("constexprs", {})
     if "BLOCK_M" in c and "BLOCK_N" in c:
         return c["BLOCK_M"] * c["BLOCK_N"]
+    if "NT" in c and "TB" in c:  # the row kernel: NT tiles over a cluster of num_ctas CTAs
+        return c["NT"] * c["TB"] // rec.get("num_ctas", 1)
     return c.get("BLOCK", 0)
 
 
@@ -273,16 +276,21 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
         while p is not None:
             depth, p = depth + 1, cfg.loops[p].parent
         infos.append((lp, _info(cfg, lp, depth)))
-    body = _info(cfg, None, 0)
+    # the row kernel is loop-free: its steady path is the one through its exponentials (not a
+    # row that is ignored, whose label load may be as wide as its tile loads)
+    body = _info(cfg, None, 0, must_mufu=rec.get("kernel") == "distill_row_kernel")
     op, dtype = rec["op"], rec["dtype"]
     threads = threads or rec.get("threads") or 32 * rec.get("num_warps", 4)
     loops = []
     per_elem = stream_bytes_per_elem(op, dtype)
+    resident = rec["backend"] == "cuda" and op == "distill"
     for lp, info in infos:
         if info.mma:
             info.kind = "k"
         elif lp.children and any(infos[k][1].mma for k in lp.children):
             info.kind = "tile"
+        elif resident:
+            info.kind = _cuda_distill_kind(info)
         elif info.load_bits and op != "linear":
             info.kind = "stream"
             if op in SPARSE_OPS and S.global_load_width(
@@ -290,7 +298,14 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
                 info.kind = "other"  # a loop over the K indices (gathers) or over rows
         else:
             info.kind = "other"          # zero-fill of ignored rows, split merges, ...
-        if info.kind == "stream":
+        if info.kind == "stream" and resident:
+            # elements of the row one trip handles: a gradient pass by its stores (E bytes per
+            # element), the others by the student and teacher bytes they read, from global or
+            # shared memory
+            e = ESIZE[dtype]
+            info.elems_from_loads = info.store_bits / 8 / e if info.store_bits else \
+                (info.shared_load_bits or info.load_bits) / 8 / per_elem
+        elif info.kind == "stream":
             info.elems_from_loads = info.load_bits / 8 / per_elem
         if info.kind in ("stream", "tile"):
             tile = _tile(rec)
@@ -312,6 +327,19 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
                  rec["local"] + rec["stack"], rec.get("shared", 0), loops, body, body_elems)
     a.ctas_per_sm = _occupancy(m, a.regs, threads, a.shared)
     return a
+
+
+def _cuda_distill_kind(info: LoopInfo) -> str:
+    """The passes of the CUDA distill kernels (csrc/cuda/distill_cuda.cu): loops that compute
+    exponentials on the row read from global memory (the stream kernel's passes) or from shared
+    memory (the resident kernel's statistics, which also keep its copies into shared memory in
+    flight, loss and gradient passes). Not passes: loops with a block barrier on their path (the
+    in-place realignment of an unaligned row, one round of units per barrier: the aligned path
+    has none), and loops that only move bytes (zero fills, the copies of an unaligned row into
+    shared memory, the aligned stores of an unaligned gradient row)."""
+    if info.barriers or not info.mufu:
+        return "other"
+    return "stream" if info.load_bits or info.shared_load_bits else "other"
 
 
 def _scalar_bits(cfg: S.CFG) -> int:
@@ -341,10 +369,13 @@ def cuda_records(arch: int) -> List[Dict[str, Any]]:
         if r["arch"] != arch:
             continue
         f = r["name"]
-        m = re.search(r"distill_kernelILi(\d)ELi(\d)E", f)
+        # the resident kernel (the default) and the stream kernel (fallback), by their
+        # length-prefixed mangled names
+        m = re.search(r"(14distill_kernel|21distill_stream_kernel)ILi(\d)ELi(\d)E", f)
         if m:
-            rec = dict(r, kernel="distill_kernel", op="distill", dtype=_DT[int(m.group(1))],
-                       divergence=names[int(m.group(2))], variant="bench")
+            rec = dict(r, kernel="distill_kernel", op="distill", dtype=_DT[int(m.group(2))],
+                       divergence=names[int(m.group(3))],
+                       variant="bench" if m.group(1) == "14distill_kernel" else "stream")
         elif re.search(r"feature_kernelILi(\d)ELb([01])E", f):
             m = re.search(r"feature_kernelILi(\d)ELb([01])E", f)
             rec = dict(r, kernel="feature_kernel", op="feature", dtype=_DT[int(m.group(1))],
@@ -435,10 +466,102 @@ def _rows_stream(m: Machine, a: Analysis, programs: int, width: int, passes: int
     return _finish(m, hbm, programs * warps * per_thread, programs * a.threads * mufu)
 
 
-def estimate_distill(m: Machine, a: Analysis, N: int, V: int) -> Estimate:
+def estimate_distill(m: Machine, a: Analysis, N: int, V: int,
+                     stream: Optional[Analysis] = None) -> Estimate:
+    """A logit-level kernel at N x V. The CUDA resident kernel (variant "bench") runs the plan
+    its launcher picks (resident_plan), or the stream kernel (`stream`, its analysis) when no
+    plan fits."""
     e = ESIZE[a.dtype]
+    if a.backend == "cuda" and a.variant == "bench":
+        plan = resident_plan(m, a.dtype, a.divergence, V)
+        if plan is not None:
+            return _resident(m, a, plan, N, V)
+        a = stream if stream is not None else a
+    if a.kernel == "distill_row_kernel":
+        # a cluster of C CTAs per row, the row in registers: one loop-free program per CTA,
+        # the row read once and the gradient written once
+        c = a.rec.get("num_ctas", 1)
+        return _rows_stream(m, a, N * c, V / c, 1, 2 * e, e)
     passes = 2 if a.divergence in TWO_PASS else 3
     return _rows_stream(m, a, N, V, passes, 2 * e, e)
+
+
+# ---- the CUDA resident kernel (csrc/cuda/distill_cuda.cu: plan_resident, resident_bytes) -----
+RES_HEADER_SLOTS = (16 + (32 + 1) * 8) * 4 // 16   # kHeaderSlots: exchange areas and scratch
+RES_PREFERRED_BYTES = 72 << 10                     # kPreferredBytes: 3 CTAs per SM
+RES_MAX_THREADS = 256                              # kResThreads
+SMEM_OPTIN = {90: 227 << 10, 80: 163 << 10}        # opt-in dynamic shared memory per block
+MIX_DIVERGENCES = ("jsd", "skew_forward_kl", "skew_reverse_kl", "tvd")
+
+
+@dataclass(frozen=True)
+class ResidentPlan:
+    cluster: int        # CTAs per row
+    slice_units: int    # 16-byte units of the student per CTA
+    store_h: bool       # pass 2 keeps h_j in shared memory
+    threads: int
+    smem_bytes: int
+
+
+def resident_bytes(dtype: str, divergence: str, su: int, store_h: bool) -> int:
+    n = 16 // ESIZE[dtype]
+    in_place = dtype == "fp32" or divergence == "tvd"
+    extra = 4 * su * n if store_h and divergence in MIX_DIVERGENCES and not in_place else 0
+    return 16 * (RES_HEADER_SLOTS + 2 * (su + 1)) + extra
+
+
+def resident_plan(m: Machine, dtype: str, divergence: str, V: int, grad: bool = True,
+                  n_rows: int = 1) -> Optional[ResidentPlan]:
+    """The configuration the CUDA launcher picks for a row of V columns (the same rules as
+    plan_resident in csrc/cuda/distill_cuda.cu; tests/test_cuda_paths.py holds the two equal
+    through the emulated launcher): None when the stream kernel runs."""
+    n = 16 // ESIZE[dtype]
+    optin = SMEM_OPTIN.get(m.arch, 227 << 10)
+    max_cluster = 16 if m.arch >= 90 else 1
+    want_h = divergence in MIX_DIVERGENCES and grad
+    tiers = [(True, RES_PREFERRED_BYTES, True), (True, optin, False),
+             (False, RES_PREFERRED_BYTES, True), (False, optin, False)]
+    for h, limit, smallest in tiers:
+        if h and not want_h:
+            continue
+        sizes = [1, 2, 4, 8, 16] if smallest else [16, 8, 4, 2, 1]
+        for c in sizes:
+            if c > max_cluster:
+                continue
+            su = ((V + c - 1) // c + n - 1) // n
+            b = resident_bytes(dtype, divergence, su, h)
+            if b > limit or b > optin or n_rows * c > 2 ** 31 - 1:
+                continue
+            return ResidentPlan(c, su, h, resident_threads(su), b)
+    return None
+
+
+def resident_threads(su: int) -> int:
+    """Threads per CTA for a slice of su units (resident_threads in distill_cuda.cu)."""
+    t0 = -(-su // RES_MAX_THREADS)
+    best_t, best_eff = RES_MAX_THREADS, -1.0
+    for trips in range(t0, t0 + 3):
+        th = max(32, (-(-su // trips) + 31) // 32 * 32)
+        if th < 128 and trips > t0:
+            break
+        eff = su / (trips * th)
+        if eff > best_eff + 1e-9:
+            best_t, best_eff = th, eff
+    return best_t
+
+
+def _resident(m: Machine, a: Analysis, plan: ResidentPlan, N: int, V: int) -> Estimate:
+    """N rows of V columns, each in `plan.cluster` CTAs of `plan.threads` threads; every pass
+    loops over the thread's units (ceil(slice units / threads) trips); HBM: the row read once
+    and the gradient written once, by construction (later passes read shared memory)."""
+    e = ESIZE[a.dtype]
+    programs = N * plan.cluster
+    warps = math.ceil(plan.threads / 32)
+    trips = math.ceil(plan.slice_units / plan.threads)
+    per_thread = a.body.instr + trips * sum(lp.instr for lp in a.streams)
+    mufu = a.body.mufu_total + trips * sum(lp.mufu_total for lp in a.streams)
+    hbm = N * V * (2 * e + e)
+    return _finish(m, hbm, programs * warps * per_thread, programs * plan.threads * mufu)
 
 
 def size_cuda_feature_block(m: Machine, a: Analysis, D: int) -> None:
@@ -572,16 +695,34 @@ def build_table(analyses: Sequence[Analysis], m: Machine = H200) -> List[Dict[st
     by = {}
     for a in analyses:
         by.setdefault((a.op, a.backend), []).append(a)
-    # logit level: every V of the presets, both dtypes, every divergence
-    for a in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
-                    key=lambda a: (a.backend, a.dtype, a.divergence)):
-        if a.variant != "bench" or a.dtype not in DTYPES:
+    # logit level: every V of the presets, both dtypes, every divergence (the CUDA rows: the
+    # resident kernel with the plan its launcher picks at that V, or the stream kernel)
+    streams = {(a.dtype, a.divergence): a for a in by.get(("distill", "cuda"), [])
+               if a.variant == "stream"}
+    at_v = {(a.dtype, a.divergence, a.variant): a for a in by.get(("distill", "triton"), [])}
+    for a0 in sorted(by.get(("distill", "triton"), []) + by.get(("distill", "cuda"), []),
+                     key=lambda a: (a.backend, a.dtype, a.divergence)):
+        if a0.variant != "bench" or a0.dtype not in DTYPES:
             continue
-        e = ESIZE[a.dtype]
+        e = ESIZE[a0.dtype]
         for V in LOGIT_VOCABS:
-            est = estimate_distill(m, a, N_TOKENS, V)
+            # Triton: the kernel compiled at this V when the records have it (bench@V)
+            a = at_v.get((a0.dtype, a0.divergence, f"bench@{V}"), a0) \
+                if a0.backend == "triton" else a0
+            shown = a
+            if a.backend == "cuda":
+                stream = streams.get((a.dtype, a.divergence))
+                plan = resident_plan(m, a.dtype, a.divergence, V)
+                if plan is not None:  # occupancy with the plan's threads and shared memory
+                    a.threads = plan.threads
+                    a.ctas_per_sm = _occupancy(m, a.regs, plan.threads, plan.smem_bytes)
+                elif stream is not None:
+                    shown = stream
+                est = estimate_distill(m, a, N_TOKENS, V, stream)
+            else:
+                est = estimate_distill(m, a, N_TOKENS, V)
             floor = N_TOKENS * V * 3 * e / m.hbm_bytes_s
-            rows.append(_row(a, est, floor, kernel="distill_kernel", backend=a.backend,
+            rows.append(_row(shown, est, floor, kernel="distill_kernel", backend=a.backend,
                              divergence=a.divergence, dtype=a.dtype, N=N_TOKENS, V=V, D="",
                              preset="gpu-logits"))
     # the backward's scale kernel (when grad_output != 1)
@@ -661,9 +802,9 @@ def compile_records(arch: int, jobs: int = 1, cache: Optional[str] = None, log=N
     or in `jobs` fresh processes."""
     from fastdistill.bench import aot
     if jobs > 1 or os.environ.get("TRITON_INTERPRET", "0") not in ("", "0"):
-        return aot.compile_in_subprocess([arch], cache=cache, jobs=jobs)
+        return aot.compile_in_subprocess([arch], cache=cache, jobs=jobs, vocabs=LOGIT_VOCABS)
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    return aot.compile_all((arch,), cache=cache, log=log)
+    return aot.compile_all((arch,), cache=cache, log=log, vocabs=LOGIT_VOCABS)
 
 
 # ---- output -----------------------------------------------------------------------------------
@@ -718,8 +859,14 @@ def show_loop(analyses: Sequence[Analysis], pattern: str) -> str:
                        f"{info.mufu}, {info.barriers} BAR, {info.shuffles} SHFL, MMA {info.mma}")
             out.append(S.loop_listing(cfg, lp))
         if not cfg.loops or a.body_elems:
+            per = f", {a.body.instr / a.body_elems:.2f} instr/elem" if a.body_elems else ""
             out.append(f"-- loop-free path: {a.body.instr} instructions, {a.body_elems:g} "
-                       f"elements per thread, MUFU {a.body.mufu}")
+                       f"elements per thread{per}, MUFU {a.body.mufu}")
+            if a.body_elems:  # a kernel whose work is its loop-free path: the path itself
+                path = cfg.steady_path(None, must_mufu=a.kernel == "distill_row_kernel")
+                inner = cfg.inner_blocks(None)
+                out.append("\n".join(f"* {x.addr:05x}: {x.text}"
+                                     for x in cfg.path_instrs(path, inner)))
     return "\n".join(out) if out else f"no kernel matches {pattern!r}"
 
 

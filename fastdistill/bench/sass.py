@@ -96,6 +96,21 @@ def global_load_width(ins: Instr) -> int:
     return 32
 
 
+def shared_load_width(ins: Instr) -> int:
+    """Bits per thread of a shared-memory load (LDS), 0 if not one."""
+    if ins.base != "LDS":
+        return 0
+    mods = ins.opcode.split(".")[1:]
+    for m in mods:
+        if m in ("128", "64"):
+            return int(m)
+        if m in ("U16", "S16"):
+            return 16
+        if m in ("U8", "S8"):
+            return 8
+    return 32
+
+
 def global_store_width(ins: Instr) -> int:
     if ins.base not in ("STG",):
         return 0
@@ -244,9 +259,11 @@ class CFG:
             out |= self.loops[k].body
         return out
 
-    def steady_path(self, loop: Optional[Loop]) -> List[int]:
+    def steady_path(self, loop: Optional[Loop], must_mufu: bool = False) -> List[int]:
         """Block indices of the steady-state path (see the module doc) of `loop`, or of the
-        loop-free part of the function when `loop` is None."""
+        loop-free part of the function when `loop` is None. must_mufu: the path also passes a
+        MUFU operation (a kernel whose work is its exponentials, next to branches that only
+        fill zeros)."""
         region = loop.body if loop is not None else set(range(len(self.blocks)))
         inner = self.inner_blocks(loop)
         lw = {b: max((global_load_width(x) for x in self.block_instrs(b)), default=0)
@@ -268,9 +285,12 @@ class CFG:
         def add(a, c):
             return (a[0] + c[0], a[1] + c[1], a[2] + c[2])
 
+        has_mufu = {b: any(MUFU.match(x.opcode) for x in self.block_instrs(b)) for b in region}
+
         def seen(b, flags):
             return (flags[0] or (wide_ld > 0 and lw.get(b, 0) == wide_ld),
-                    flags[1] or (wide_st > 0 and sw.get(b, 0) == wide_st))
+                    flags[1] or (wide_st > 0 and sw.get(b, 0) == wide_st),
+                    flags[2] or not must_mufu or has_mufu.get(b, False))
 
         if loop is not None:
             start, goals = loop.header, set(loop.latches)
@@ -280,7 +300,7 @@ class CFG:
                      if self.block_instrs(b)[-1].base in ("EXIT", "RET")}
         # Dijkstra over (block, passed a widest load, passed a widest store); edges stay in the
         # region and, for a loop, never take the back edge to the header again
-        init = (start, seen(start, (False, False)))
+        init = (start, seen(start, (False, False, False)))
         dist = {init: cost(start)}
         prev = {}
         heap = [(cost(start), init)]
@@ -290,7 +310,8 @@ class CFG:
             if d != dist.get(state):
                 continue
             b, flags = state
-            if b in goals and (flags[0] or wide_ld == 0) and (flags[1] or wide_st == 0):
+            if b in goals and (flags[0] or wide_ld == 0) and (flags[1] or wide_st == 0) and \
+                    flags[2]:
                 best = state
                 break
             for s in self.blocks[b].succ:
@@ -333,6 +354,7 @@ class Counts:
     shuffles: int = 0
     load_bits: int = 0          # global bits loaded per thread (LDG / LDGSTS)
     store_bits: int = 0
+    shared_load_bits: int = 0   # shared-memory bits loaded per thread (LDS)
     widest_load: str = ""
     mma: Dict[str, int] = field(default_factory=dict)   # HGMMA / HMMA shapes
     tma: int = 0
@@ -354,7 +376,7 @@ def count(instrs: List[Instr]) -> Counts:
             c.barriers += 1
         if x.base == "SHFL":
             c.shuffles += 1
-        w = global_load_width(x)
+        w = global_load_width(x) if not x.never else 0  # "@!PT": issued, never executed
         if w and x.base != "UTMALDG":
             c.load_bits += w
         if x.base == "UTMALDG":
@@ -362,6 +384,7 @@ def count(instrs: List[Instr]) -> Counts:
         if w > widest[0]:
             widest = (w, x.opcode)
         c.store_bits += global_store_width(x)
+        c.shared_load_bits += shared_load_width(x) if not x.never else 0
         if x.base in ("HGMMA", "HMMA"):
             shape = x.opcode.split(".")[1] if "." in x.opcode else ""
             key = f"{x.base}.{shape}"

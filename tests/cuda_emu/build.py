@@ -1,10 +1,12 @@
 """Builds the CUDA sources of csrc/cuda/ as host code against tests/cuda_emu/include/emu.h and
 loads the result with ctypes.
 
-The only rewrite of the sources is the launch syntax: ``kernel<<<grid, block, shmem,
-stream>>>(args);`` becomes ``emu_launch(grid, block, shmem, stream, [&] { kernel(args); });``.
-Everything else (the kernels, the launchers with their argument checks and block sizes, the
-shared headers) compiles as written. The library is cached under build/cuda_emu/ by a hash of
+Two rewrites of the sources, both of syntax that C++ lacks: the launch syntax
+``kernel<<<grid, block, shmem, stream>>>(args);`` becomes ``emu_launch(grid, block, shmem, stream,
+[&] { kernel(args); });``, and a dynamic shared-memory declaration ``extern __shared__ T name[];``
+becomes ``T* name = emu::dynamic_smem<T>();`` (each block of a cluster has its own). Everything
+else (the kernels, the launchers with their argument checks, block and cluster sizes, the shared
+headers) compiles as written. The library is cached under build/cuda_emu/ by a hash of
 its inputs.
 """
 
@@ -21,6 +23,8 @@ import subprocess
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(os.path.dirname(HERE))
 LAUNCH = re.compile(r"(\w+(?:<[^;{}<>]*>)?)\s*<<<(.*?)>>>\s*\((.*?)\);", re.S)
+DYN_SHARED = re.compile(
+    r"extern\s+__shared__\s+(?:__align__\(\d+\)\s+)?(\w+)\s+(\w+)\s*\[\s*\]\s*;")
 
 
 def _inputs():
@@ -32,9 +36,10 @@ def _inputs():
 
 
 def rewrite(src: str) -> str:
-    out, n = LAUNCH.subn(lambda m: f"emu_launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});",
-                         src)
-    return out
+    out = LAUNCH.sub(lambda m: f"emu_launch({m.group(2)}, [&] {{ {m.group(1)}({m.group(3)}); }});",
+                     src)
+    return DYN_SHARED.sub(
+        lambda m: f"{m.group(1)}* {m.group(2)} = emu::dynamic_smem<{m.group(1)}>();", out)
 
 
 def compiler():
@@ -79,6 +84,13 @@ def load() -> ctypes.CDLL:
     for fn in (lib.emu_distill, lib.emu_feature, lib.emu_scale, lib.emu_topk):
         fn.argtypes = [ctypes.c_void_p]  # the address of an argument struct (args.h)
         fn.restype = ctypes.c_int32
+    lib.emu_distill_plan.argtypes = [ctypes.c_void_p, ctypes.c_void_p]
+    lib.emu_distill_plan.restype = ctypes.c_int32
+    lib.emu_set_device.argtypes = [ctypes.c_int32, ctypes.c_int32]
+    lib.emu_set_device.restype = None
+    for fn in (lib.emu_exp2, lib.emu_log2):
+        fn.argtypes = [ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64]
+        fn.restype = None
     lib.emu_last_error.restype = ctypes.c_char_p
     lib.emu_sizeof.argtypes = [ctypes.c_int32]
     lib.emu_sizeof.restype = ctypes.c_int64

@@ -16,9 +16,35 @@ from fastdistill.backends import _ext
 import build as emu_build
 
 
+# The emulated device the tests run on by default: sm_90 (clusters) with 2 KB of shared memory
+# per block, so that test-sized rows (tens to hundreds of columns) take the resident kernel in
+# clusters of 1 to 16 CTAs, and wider rows the stream kernel. tests/test_cuda_paths.py sets others.
+DEFAULT_DEVICE = (9, 2048)
+
+
 @functools.lru_cache(maxsize=None)
 def lib():
-    return emu_build.load()
+    lib = emu_build.load()
+    lib.emu_set_device(*DEFAULT_DEVICE)
+    return lib
+
+
+def set_device(major: int, smem_optin: int) -> None:
+    """The emulated device: compute capability major (8: no clusters) and opt-in shared memory
+    per block in bytes."""
+    lib().emu_set_device(major, smem_optin)
+
+
+def plan(student, teacher, labels, opts, vocab, need_grad=True):
+    """(cluster, slice_units, store_h) of the kernel the launcher picks (cluster 0: the stream
+    kernel)."""
+    rows = torch.empty(student.shape[0])
+    grad = torch.empty_like(student) if need_grad else None
+    args = _ext.distill_args(student, teacher, labels, grad, rows, torch.tensor(1.0), opts, vocab)
+    out = (ctypes.c_int32 * 3)()
+    status = lib().emu_distill_plan(ctypes.c_void_p(args.address), out)
+    assert status == 0, status
+    return tuple(out)
 
 
 def _run(fn, args, what):

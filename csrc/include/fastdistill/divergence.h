@@ -3,9 +3,18 @@
 // Notation, per row: a_j = s_mul z_s[j], b_j = t_mul z_t[j] (student, teacher: logit scale / T),
 // for j < V. lq_j = a_j - LSE(a), lp_j = b_j - LSE(b), q = exp(lq), p = exp(lp).
 //
+// The kernels work in the log2 domain: the logit multipliers carry log2(e) (k_s = s_mul log2 e,
+// k_t = t_mul log2 e), the row's statistics are kept relative to a shift m_s (the maximum of
+// k_s z_s, rounded once), and a log2-probability is lq2 = fma(z_s, k_s, -m_s) - l_s with
+// l_s = log2 sum 2^(k_s z_s - m_s): the fused multiply-add forms k_s z_s - m_s exactly and rounds
+// once, a small number near the maximum (m_s is a number like any other: every pass subtracts the
+// same one), and q = 2^lq2 is one MUFU.EX2 on the device (fast_math.h). Sums of log-ratio terms
+// are taken in log2 units and multiplied by ln 2 once per row.
+//
 // Every divergence D(P, Q) here has a student gradient of the form
 //     dD/da_j = q_j * (h_j - sum_i q_i h_i),   h_j = dD/dq_j (up to an additive constant),
-// and dD/dz_s = s_mul dD/da. The kernels therefore make at most three passes over a row:
+// and dD/dz_s = s_mul dD/da. The kernels therefore make at most three passes over a row (the
+// CUDA kernels on sm_90 hold the row in shared memory and read HBM once):
 //   pass 1: online log-sum-exps (and the whole divergence for the KL family),
 //   pass 2: the loss and aux = sum_i q_i h_i (jsd, skew_*, tvd only),
 //   pass 3: the gradient.
@@ -26,7 +35,7 @@
 //   (it is undefined; float64 autograd of the reference gives NaN too);
 // - a row with a NaN, a +inf, or only -inf logits on either side (no distribution) has a NaN
 //   loss and a NaN gradient: row_ok() below is false for it;
-// - mixtures never underflow into log(0): see mix_log.
+// - mixtures never underflow into log(0): see mix_log2.
 // beta = 0 for jsd / skew_*, beta = 1 for jsd and ratio in {0, 1} are mapped to forward /
 // reverse KL by the callers (fastdistill/divergences.py: kernel_code), so the formulas below never
 // see an empty mixture weight.
@@ -58,18 +67,16 @@ FD_HD constexpr bool needs_pass2(int32_t div) { return div >= kJSD && div <= kTV
 FD_HD constexpr bool uses_wf(int32_t div) { return div == kForwardKL || div == kSymmetricKL; }
 FD_HD constexpr bool uses_wr(int32_t div) { return div == kReverseKL || div == kSymmetricKL; }
 
-// Per-row statistics after pass 1 (and pass 2). Log-sum-exps are kept as (max, log of the
-// shifted sum) so that log-probabilities are formed as (x - m) - ld: with large logits this
-// keeps the digits that m + ld followed by x - (m + ld) would round away.
+// The row's statistics after pass 1 (and aux after pass 2): shifts (maxima of the scaled
+// logits) and log2 of the shifted sums, so that lq2_j = fma(z_s[j], k_s, -m_s) - l_s (log2_prob).
 struct RowStats {
-  float m_s, ld_s;  // LSE(a) = m_s + ld_s
-  float m_t, ld_t;  // LSE(b) = m_t + ld_t
-  float m_1, ld_1;  // LSE(h_mul z_s) (hard loss); equal to m_s, ld_s when h_mul == s_mul
-  float aux;        // sum_i q_i h_i (reverse / symmetric KL: KL(Q||P), known after pass 1)
+  float m_s, l_s;  // student: max k_s z_s, log2 sum 2^(k_s z_s - m_s)
+  float m_t, l_t;  // teacher
+  float m_1, l_1;  // hard loss: the shift and log2 sum of k_h z_s; m_s, l_s when h_mul == s_mul
+  float aux;       // sum_i q_i h_i in natural units (reverse / symmetric KL: KL(Q||P) / ln 2)
 };
 
-FD_HD float log_q(float a, const RowStats& r) { return (a - r.m_s) - r.ld_s; }
-FD_HD float log_p(float b, const RowStats& r) { return (b - r.m_t) - r.ld_t; }
+FD_HD float log2_prob(float z, float m, float k, float l) { return fd_fma(z, k, -m) - l; }
 
 // A row has both distributions: both shifted sums are positive and finite. False for a NaN or
 // +inf logit (the sum is NaN) and for a side whose logits are all -inf (the sum is 0).
@@ -78,91 +85,100 @@ FD_HD bool row_ok(float d_s, float d_t) {
 }
 
 // ---- mixtures (jsd, skew_*) -------------------------------------------------------------------
-// M = wp P + wq Q, with log wp, log wq, per call.
+// M = wp P + wq Q, with log2 wp, log2 wq, per call.
 struct MixWeights {
-  float beta;      // the divergence's beta (jsd's loss weights are beta, 1 - beta)
+  float beta;        // the divergence's beta (jsd's loss weights are beta, 1 - beta)
   float wp, wq;
-  float lwp, lwq;  // log wp, log wq (-inf for a zero weight)
+  float lwp2, lwq2;  // log2 wp, log2 wq
 };
 
 template <int32_t DIV>
-FD_HD MixWeights mix_weights(float beta) {
-  using std::log;
+inline MixWeights mix_weights(float beta) {
   const float wp = DIV == kSkewReverseKL ? 1.0f - beta : beta;
   const float wq = DIV == kSkewReverseKL ? beta : 1.0f - beta;
-  return MixWeights{beta, wp, wq, log(wp), log(wq)};
+  return MixWeights{beta, wp, wq, std::log2(wp), std::log2(wq)};
 }
 
-// log m for m = wp p + wq q. Where m would be subnormal or 0 although p or q is not (a tiny
-// weight times a tiny probability: q = 3e-45 at T = 0.1 made log(beta q) = -inf), the larger
-// weighted term alone in the log domain: then one term dominates by many orders of magnitude,
-// or both are below 2^-126 and weigh nothing in the loss.
-FD_HD float mix_log(float m, float lp, float lq, const MixWeights& w) {
-  const float x = lp + w.lwp, y = lq + w.lwq;
-  return m >= 1.17549435e-38f ? fd_log(m) : (x > y ? x : y);
+// log2 m for m = wp p + wq q, never -inf while p or q is not 0: log2 m is at least the log of
+// its larger term, max(lp2 + log2 wp, lq2 + log2 wq), and that term in the log domain is used
+// where m underflows (a tiny weight times a tiny probability: q = 3e-45 at T = 0.1 made
+// log(beta q) = -inf) or is subnormal (fd_log2 flushes it to -inf). Where m is normal the max
+// changes log2 m by at most its rounding.
+FD_HD float mix_log2(float m, float lp2, float lq2, const MixWeights& w) {
+  const float x = lp2 + w.lwp2, y = lq2 + w.lwq2;
+  const float l = fd_log2(m);
+#if FD_DEVICE_CODE
+  return fmaxf(l, fmaxf(x, y));  // FMNMX (NaN only reaches rows that are NaN anyway)
+#else
+  const float t = x > y ? x : y;
+  return l > t ? l : t;
+#endif
 }
 
-// p / m or q / m, bounded where m underflows (the product with a tiny q there is negligible)
-FD_HD float mix_ratio(float x, float m) {
-  return fd_div(x, m > 1.17549435e-38f ? m : 1.17549435e-38f);
+// Loss terms come out in log2 units for the log divergences (times ln 2 per row), plain for tvd.
+template <int32_t DIV>
+FD_HD constexpr float loss_unit() {
+  return DIV == kTVD ? 1.0f : kLn2;
 }
 
 // ---- pass 2 -----------------------------------------------------------------------------------
-// Returns the loss term of element j and adds q_j h_j to `aux`.
+// Element j of pass 2 from its log2-probabilities: returns the loss term (in the unit of
+// loss_unit) and sets qh = q_j h_j (natural units) and h = h_j.
 template <int32_t DIV>
-FD_HD float pass2_term(float lq, float lp, const MixWeights& w, float& aux) {
-  const float q = fd_exp(lq), p = fd_exp(lp);
+FD_HD float pass2_elem(float lq2, float lp2, const MixWeights& w, float& qh, float& h) {
+  const float q = fd_exp2(lq2), p = fd_exp2(lp2);
   if constexpr (DIV == kTVD) {
     const float d = q - p;
-    const float h = d > 0.0f ? 0.5f : (d < 0.0f ? -0.5f : 0.0f);
-    aux += q * h;
+    h = d > 0.0f ? 0.5f : (d < 0.0f ? -0.5f : 0.0f);
+    qh = q * h;
     return 0.5f * (d < 0.0f ? -d : d);
   } else {
     const float m = w.wp * p + w.wq * q;
-    const float lm = mix_log(m, lp, lq, w);
+    const float lm2 = mix_log2(m, lp2, lq2, w);
+    // h is set to 0 where q = 0, so that q (h - aux) is 0 there (h of a -inf logit is -inf or NaN)
     if constexpr (DIV == kJSD) {
-      const float tq = q > 0.0f ? q * (lq - lm) : 0.0f;
-      aux += (1.0f - w.beta) * tq;
-      return (p > 0.0f ? w.beta * p * (lp - lm) : 0.0f) + (1.0f - w.beta) * tq;
+      const float tq = q > 0.0f ? q * (lq2 - lm2) : 0.0f;
+      h = q > 0.0f ? (1.0f - w.beta) * kLn2 * (lq2 - lm2) : 0.0f;
+      qh = (1.0f - w.beta) * kLn2 * tq;
+      return (p > 0.0f ? w.beta * p * (lp2 - lm2) : 0.0f) + (1.0f - w.beta) * tq;
     } else if constexpr (DIV == kSkewForwardKL) {
-      aux += -w.wq * q * mix_ratio(p, m);
-      return p > 0.0f ? p * (lp - lm) : 0.0f;
+      h = p > 0.0f ? -w.wq * fd_exp2(lp2 - lm2) : 0.0f;  // -wq p / m
+      qh = q * h;
+      return p > 0.0f ? p * (lp2 - lm2) : 0.0f;
     } else {  // kSkewReverseKL
-      aux += q > 0.0f ? q * (lq - lm - w.wq * mix_ratio(q, m)) : 0.0f;
-      return q > 0.0f ? q * (lq - lm) : 0.0f;
+      h = q > 0.0f ? kLn2 * (lq2 - lm2) - w.wq * fd_exp2(lq2 - lm2) : 0.0f;  // lq - lm - wq q / m
+      qh = q * h;
+      return q > 0.0f ? q * (lq2 - lm2) : 0.0f;
     }
   }
 }
 
 // ---- pass 3 -----------------------------------------------------------------------------------
-// dD/da_j for element j (multiply by s_mul for the gradient w.r.t. the student logit).
+// dD/da_j for element j (multiply by s_mul for the gradient w.r.t. the student logit), from its
+// log2-probabilities and the row's aux (reverse / symmetric KL: KL(Q||P) / ln 2, log2 units).
 template <int32_t DIV>
-FD_HD float soft_grad(float lq, float lp, const MixWeights& w, float aux) {
-  const float q = fd_exp(lq);
+FD_HD float soft_grad(float lq2, float lp2, const MixWeights& w, float aux) {
+  const float q = fd_exp2(lq2);
   if constexpr (DIV == kForwardKL) {
-    return q - fd_exp(lp);
+    return q - fd_exp2(lp2);
   } else if constexpr (DIV == kReverseKL) {
-    return q > 0.0f ? q * (lq - lp - aux) : 0.0f;
+    return q > 0.0f ? kLn2 * q * (lq2 - lp2 - aux) : 0.0f;
   } else if constexpr (DIV == kSymmetricKL) {
     const float r = w.beta;
-    return r * (q - fd_exp(lp)) + (q > 0.0f ? (1.0f - r) * q * (lq - lp - aux) : 0.0f);
+    return r * (q - fd_exp2(lp2)) + (q > 0.0f ? (1.0f - r) * kLn2 * q * (lq2 - lp2 - aux) : 0.0f);
   } else if constexpr (DIV == kTVD) {
-    const float d = q - fd_exp(lp);
+    const float d = q - fd_exp2(lp2);
     const float h = d > 0.0f ? 0.5f : (d < 0.0f ? -0.5f : 0.0f);
     return q * (h - aux);
   } else {
-    const float p = fd_exp(lp);
-    const float m = w.wp * p + w.wq * q;
-    const float lm = mix_log(m, lp, lq, w);
-    if constexpr (DIV == kJSD) {
-      return q > 0.0f ? q * ((1.0f - w.beta) * (lq - lm) - aux) : 0.0f;
-    } else if constexpr (DIV == kSkewForwardKL) {
-      return q * (-w.wq * mix_ratio(p, m) - aux);
-    } else {  // kSkewReverseKL
-      return q > 0.0f ? q * (lq - lm - w.wq * mix_ratio(q, m) - aux) : 0.0f;
-    }
+    float qh, h;
+    pass2_elem<DIV>(lq2, lp2, w, qh, h);
+    return q * (h - aux);
   }
 }
+
+// The gradient from a stored h_j (pass 2 kept it): q (h - aux).
+FD_HD float grad_from_h(float q, float h, float aux) { return q * (h - aux); }
 
 // Calls f(DivTag<D>{}) with the divergence as a compile-time constant: one switch per row (host)
 // or per block (device), never per element.
@@ -185,15 +201,17 @@ FD_HD void dispatch_divergence(int32_t div, F&& f) {
 }
 
 // ---- pass 1: online statistics ----------------------------------------------------------------
-// State of a stream of (a, b) pairs: maxima, shifted sums and the one-pass KL numerators taken
-// relative to the running maxima,
-//     wf = sum_j e^{b_j - m_t} ((b_j - m_t) - (a_j - m_s))     (forward KL)
-//     wr = sum_j e^{a_j - m_s} ((a_j - m_s) - (b_j - m_t))     (reverse KL)
-// so that KL(P||Q) = wf / d_t - log d_t + log d_s involves only small numbers (the unshifted
-// sum e^{b - m_t} (b - a) loses every digit below ulp(|b|) when logits are large). A numerator
-// of +inf (a term whose other side is -inf) absorbs: it stays +inf through every rescale, even
-// one that underflows to 0. m = -inf with d = 0 means "nothing finite seen yet". NaN inputs do
-// not move the max but turn d into NaN (row_ok then fails).
+// State of a stream of (z_s, z_t) pairs: shifts m (maxima of the scaled logits k z), shifted sums
+// in the log2 domain and the one-pass KL numerators taken relative to the running shifts (log2
+// units, u = k z - m, formed by one fused multiply-add),
+//     d_s = sum_j 2^{u_s},   wf = sum_j 2^{u_t} (u_t - u_s)   (forward KL),
+//     d_t = sum_j 2^{u_t},   wr = sum_j 2^{u_s} (u_s - u_t)   (reverse KL),
+// so that KL(P||Q) = ln 2 (wf / d_t - log2 d_t + log2 d_s) involves only small numbers (the
+// unshifted sum 2^{u_t} (b - a) loses every digit below ulp(|z|) when logits are large). A
+// numerator of +inf (a term whose other side is -inf) absorbs: it stays +inf through every
+// rescale, even one that underflows to 0. m = -inf with d = 0 means "nothing finite seen yet".
+// NaN inputs do not move the max but turn d into NaN (row_ok then fails). The multipliers are
+// positive, so max(k z) = k max(z): the kernels take maxima of the raw logits and scale them.
 template <typename Acc>
 struct Online {
   float m_s, m_t;
@@ -205,12 +223,16 @@ FD_HD Online<Acc> online_empty() {
   return Online<Acc>{-fd_inf(), -fd_inf(), Acc(0), Acc(0), Acc(0), Acc(0)};
 }
 
-// exp(m_old - m_new), or 0 when the side has seen nothing.
+// 2^(m_old - m_new), or 0 when the side has seen nothing.
 FD_HD float rescale_factor(float m_old, float m_new) {
-  return m_old == -fd_inf() ? 0.0f : fd_exp(m_old - m_new);
+  return m_old == -fd_inf() ? 0.0f : fd_exp2(m_old - m_new);
 }
 
-// A numerator re-expressed relative to the new maxima, times its rescale factor `f`: the
+// A shift usable in an exponent: -inf (nothing finite seen) becomes -FLT_MAX, so that
+// fma(z, k, -m) is -inf, not NaN, for z = -inf.
+FD_HD float finite_shift(float m) { return m > -3.40282347e38f ? m : -3.40282347e38f; }
+
+// A numerator re-expressed relative to the new shifts, times its rescale factor `f`: the
 // weighting side `wm` (m_t for wf) moves to `wm_new`, the other side `om` to `om_new`.
 // 0 when the weighting side has seen nothing; +inf stays +inf.
 template <typename Acc>
@@ -221,7 +243,7 @@ FD_HD Acc shift_numerator(Acc w, Acc d, float f, float wm, float wm_new, float o
 }
 
 // x <- statistics of the union of the two streams (associative; used across chunks on the
-// host and across threads on the device).
+// host and across threads and blocks on the device).
 template <int32_t DIV, typename Acc>
 FD_HD void online_merge(Online<Acc>& x, const Online<Acc>& y) {
   const float ms = x.m_s > y.m_s ? x.m_s : y.m_s;
@@ -240,49 +262,51 @@ FD_HD void online_merge(Online<Acc>& x, const Online<Acc>& y) {
   x.m_t = mt;
 }
 
-// Element terms of wf / wr for a state whose maxima are (ms, mt): e_t ((b - mt) - (a - ms)) and
-// e_s ((a - ms) - (b - mt)); 0 where the weighting side is -inf, +inf where only the other is.
-FD_HD float wf_term(float a, float b, float ms, float mt, float e_t) {
-  const float v = a == -fd_inf() ? fd_inf() : e_t * ((b - mt) - (a - ms));
-  return b == -fd_inf() ? 0.0f : v;
+// Element terms of wf / wr from the shifted values u_s, u_t and the exponential of the weighting
+// side: e_t (u_t - u_s) and e_s (u_s - u_t); 0 where the weighting side is -inf, +inf where only
+// the other is.
+FD_HD float wf_term(float u_s, float u_t, float e_t) {
+  const float v = u_s == -fd_inf() ? fd_inf() : e_t * (u_t - u_s);
+  return u_t == -fd_inf() ? 0.0f : v;
 }
-FD_HD float wr_term(float a, float b, float ms, float mt, float e_s) {
-  const float v = b == -fd_inf() ? fd_inf() : e_s * ((a - ms) - (b - mt));
-  return a == -fd_inf() ? 0.0f : v;
+FD_HD float wr_term(float u_s, float u_t, float e_s) {
+  const float v = u_t == -fd_inf() ? fd_inf() : e_s * (u_s - u_t);
+  return u_s == -fd_inf() ? 0.0f : v;
 }
 
-// KL(P||Q) and KL(Q||P) from the final state.
+// KL(P||Q) / ln 2 and KL(Q||P) / ln 2 from the final state.
 // (the divisions by shifted sums, which are >= 1 in a usable row)
 FD_HD double kl_ratio(double w, double d) { return w / d; }
 FD_HD float kl_ratio(float w, float d) { return fd_div(w, d); }
+FD_HD double acc_log2(double x) { return std::log2(x); }
+FD_HD float acc_log2(float x) { return fd_log2(x); }
 
 template <typename Acc>
-FD_HD Acc online_fkl(const Online<Acc>& x) {
-  using std::log;
-  return kl_ratio(x.wf, x.d_t) - log(x.d_t) + log(x.d_s);
+FD_HD Acc online_fkl2(const Online<Acc>& x) {
+  return kl_ratio(x.wf, x.d_t) - acc_log2(x.d_t) + acc_log2(x.d_s);
 }
 template <typename Acc>
-FD_HD Acc online_rkl(const Online<Acc>& x) {
-  using std::log;
-  return kl_ratio(x.wr, x.d_s) - log(x.d_s) + log(x.d_t);
+FD_HD Acc online_rkl2(const Online<Acc>& x) {
+  return kl_ratio(x.wr, x.d_s) - acc_log2(x.d_s) + acc_log2(x.d_t);
 }
 
-// The divergence known after pass 1 (KL family; 0 for the pass-2 divergences), and the aux of
-// its gradient (reverse / symmetric KL: KL(Q||P)).
+// The divergence known after pass 1 (KL family, natural units; 0 for the pass-2 divergences),
+// and KL(Q||P) / ln 2 (reverse / symmetric KL: the aux of their gradients, in log2 units).
 template <int32_t DIV, typename Acc>
-FD_HD Acc pass1_divergence(const Online<Acc>& x, float beta, Acc& rkl) {
-  rkl = uses_wr(DIV) ? online_rkl(x) : Acc(0);
-  if (DIV == kForwardKL) return online_fkl(x);
-  if (DIV == kReverseKL) return rkl;
-  if (DIV == kSymmetricKL) return Acc(beta) * online_fkl(x) + Acc(1.0f - beta) * rkl;
+FD_HD Acc pass1_divergence(const Online<Acc>& x, float beta, Acc& rkl2) {
+  rkl2 = uses_wr(DIV) ? online_rkl2(x) : Acc(0);
+  if (DIV == kForwardKL) return Acc(kLn2) * online_fkl2(x);
+  if (DIV == kReverseKL) return Acc(kLn2) * rkl2;
+  if (DIV == kSymmetricKL)
+    return Acc(kLn2) * (Acc(beta) * online_fkl2(x) + Acc(1.0f - beta) * rkl2);
   return Acc(0);
 }
 
 // Is the row's gradient undefined although its distributions exist? (A reverse-KL term of +inf:
 // its gradient q (lq - lp - KL) is inf - inf.)
 template <int32_t DIV>
-FD_HD bool grad_undefined(float rkl) {
-  return uses_wr(DIV) && !(rkl < fd_inf());
+FD_HD bool grad_undefined(float rkl2) {
+  return uses_wr(DIV) && !(rkl2 < fd_inf());
 }
 
 }  // namespace fastdistill

@@ -1,0 +1,3 @@
+// Stand-in for the CUDA header of the same name in the host emulation (see emu.h).
+#pragma once
+#include "emu.h"
