@@ -418,3 +418,129 @@ def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
         P.N, P.V, P.Ds, P.Dt, *P.strides(), inv_t, s_scale, t_scale, s_cap, t_cap, beta,
         o.soft_scale, o.hard_weight, o.ignore_index,
         BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())
+
+
+# ---- GEMM with an accumulating epilogue ------------------------------------------------------------
+#
+# C [M, N] (op)= A [M, K] @ B [K, N], any strides, float32 accumulation on tensor cores. The
+# epilogue either stores the product (OUT_F32: float32 C; else C's own dtype), adds it to a
+# float32 C in place, or keeps a float32 accumulator as two 16-bit planes: the high half of the
+# float32 bits in a bfloat16 tensor (which, once rounded, is the bfloat16 result itself) and the
+# low half in an int16 tensor. The planes hold the float32 value exactly, so a sum over several
+# launches equals a float32 accumulation; the last launch rounds it to bfloat16 (round to
+# nearest even, as Tensor.to) into the high plane. A bfloat16 grad_weight thus accumulates over
+# row chunks in float32 with V x D x 2 bytes of extra memory instead of a V x D float32 buffer.
+
+EPI_STORE = 0       # C = A B, in C's dtype
+EPI_ADD = 1         # C += A B, C float32
+EPI_SPLIT_FIRST = 2  # (hi, lo) = A B
+EPI_SPLIT_ADD = 3    # (hi, lo) += A B
+EPI_SPLIT_LAST = 4   # hi = bf16(float32(hi, lo) + A B)
+
+
+@triton.jit
+def _round_bf16_bits(bits):
+    """bfloat16 bits (int16) of the float32 with bits `bits`, rounded to nearest even; NaN
+    becomes 0x7FC0 (c10's round_to_nearest_even). Integer arithmetic: the same on every target
+    and in the interpreter, which has no bfloat16 type."""
+    r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(nan, 0x7FC0, r).to(tl.int16)
+
+
+@triton.jit(do_not_specialize=["K"])
+def mm_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+              stride_cm, stride_lm, EPI: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of C; tiles in groups of GROUP_M row blocks, so the programs
+    running at the same time share their A rows and B columns in L2."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < M
+    col_in = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + cols[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # full K steps without a K mask (K is not specialised: it is the token count of the
+    # grad_weight call), then one masked step for the tail
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_in[:, None], other=0.0)
+        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=col_in[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if k_full < K:
+        kk = k_full + ks
+        k_in = kk < K
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_in[:, None] & k_in[None, :],
+                    other=0.0)
+        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=k_in[:, None] & col_in[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    inb = row_in[:, None] & col_in[None, :]
+    c_at = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    if EPI == 0:
+        tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=inb)
+    elif EPI == 1:
+        tl.store(c_at, tl.load(c_at, mask=inb, other=0.0) + acc, mask=inb)
+    else:
+        # c_ptr: the high plane as int16, lo_ptr: the low plane (int16)
+        lo_at = lo_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :]
+        if EPI != 2:
+            hi = tl.load(c_at, mask=inb, other=0).to(tl.int32) << 16
+            lo = tl.load(lo_at, mask=inb, other=0).to(tl.int32) & 0xFFFF
+            acc += (hi | lo).to(tl.float32, bitcast=True)
+        bits = acc.to(tl.int32, bitcast=True)
+        if EPI == 4:
+            tl.store(c_at, _round_bf16_bits(bits), mask=inb)
+        else:
+            tl.store(c_at, (bits >> 16).to(tl.int16), mask=inb)
+            tl.store(lo_at, bits.to(tl.int16), mask=inb)
+
+
+def _mm_tiles(dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit inputs: 64 x 128 tiles, one warpgroup
+    (wgmma m64n128k16 on sm_90), three cp.async stages, about 200 registers: two CTAs per SM, so
+    one CTA's epilogue (the accumulator's read-modify-write) overlaps the other's K-loop.
+    Tried on sm_90 (triton 3.9): 128 x 128 over two warpgroups, 182 registers, one CTA per SM
+    (the epilogue would stall the SM); 128 x 256 and 64 x 256 (m64n256), 255 registers and
+    spills."""
+    if interpreting():
+        return 16, 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 64, 128, 64, 4, 3
+
+
+def mm_into(a, b, c, epi=EPI_STORE, lo=None):
+    """c (op)= a @ b with the epilogue `epi` (EPI_*); a [M, K], b [K, N] any strides, c [M, N]
+    with unit column stride (for the split epilogues: c the bfloat16 high plane, lo the int16
+    low plane of the same shape)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    if interpreting():  # no bf16 arithmetic in the interpreter (see _Problem)
+        a, b = a.float(), b.float()
+    BM, BN, BK, warps, stages = _mm_tiles(a.dtype)
+    split = epi >= EPI_SPLIT_FIRST
+    c_arg = c.view(torch.int16) if split else c
+    lo_arg = lo if split else c
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    opts = {"num_warps": warps} if interpreting() else {"num_warps": warps,
+                                                         "num_stages": stages}
+    mm_kernel[grid](a, b, c_arg, lo_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                    b.stride(1), c.stride(0), lo_arg.stride(0), EPI=epi,
+                    PRECISION=_precision(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                    GROUP_M=8, **opts)
+    return c
