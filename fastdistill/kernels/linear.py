@@ -103,7 +103,7 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
     return S, T, th
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "cols_per_split", "n_splits"])
 def linear_stats_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, part_ptr,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, cols_per_split,
@@ -115,8 +115,10 @@ def linear_stats_kernel(
 ):
     """PASS 1: partial online statistics per (row, split) -> part [N, n_splits, N_PART].
     PASS 2: partial (loss, aux) sums per (row, split) from the final stats -> part[..., :2]."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
+    # the splits of a row block are consecutive programs: the programs resident at the same
+    # time cover a few row blocks (their hidden rows stay in L2) x every split
+    pid_m = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,7 +175,7 @@ def linear_stats_kernel(
         tl.store(p + 1, acc_a, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_splits"])
 def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: tl.constexpr,
                          PASS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the splits of each row in a fixed order.
@@ -225,7 +227,7 @@ def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: t
         tl.store(div_ptr + rows, loss, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "c0", "c_width"])
 def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
@@ -234,15 +236,24 @@ def linear_grad_kernel(
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SAME_LSE: tl.constexpr,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
     T_CAP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """G[r, j - c0] = d loss / d (h_s w_s^T + b_s)[r, j] for columns j in [c0, c0 + c_width),
     times the per-row factor rowf (grad_output x reduction scale). Ignored rows get exact
     zeros: they are masked, not multiplied by 0 (their statistics may be NaN, e.g. an all -inf
     padding row of teacher logits, and 0 x NaN would reach grad_weight through the GEMM). NaN
     in counted rows without distributions or with an infinite reverse KL (divergence.h)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # tiles in groups of GROUP_M row blocks, column blocks within a group: the resident
+    # programs share a few row blocks' hidden rows (from L2) and their weight tiles
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BLOCK_M)
+    n_n = tl.cdiv(c_width, BLOCK_N)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = c0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
     keep = row_in
     label = tl.full([BLOCK_M], -1, dtype=tl.int64)
@@ -361,6 +372,15 @@ class _Problem:
                 self.t_cap or 1.0, self.opts.beta)
 
 
+def stats_splits(N, V, sms, BM, BN):
+    """Vocabulary splits of the statistics sweep. The programs resident at one time (about one
+    per SM) are sms / splits row blocks x all the splits: per step they read the hidden rows of
+    sms / splits row blocks (kept in L2 for the whole sweep) and `splits` weight tiles, fewest
+    bytes at splits = sqrt(sms * BM / BN). At least two programs per SM when N is small."""
+    best = max(1, round((sms * BM / BN) ** 0.5))
+    return max(1, min(triton.cdiv(V, BN), max(best, triton.cdiv(2 * sms, triton.cdiv(N, BM)))))
+
+
 def forward_stats(P: _Problem):
     """Per-row statistics [N, N_ROW] and per-row losses [N] (0 at ignored rows, NaN in rows
     without distributions)."""
@@ -368,8 +388,7 @@ def forward_stats(P: _Problem):
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
     n_rb = triton.cdiv(P.N, BM)
-    sm = multiprocessor_count(dev)
-    n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
+    n_splits = stats_splits(P.N, P.V, multiprocessor_count(dev), BM, BN)
     cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
     n_splits = triton.cdiv(P.V, cols_per_split)
     part = torch.empty(P.N, n_splits, N_PART, dtype=torch.float32, device=dev)
@@ -378,14 +397,15 @@ def forward_stats(P: _Problem):
     labels = P.labels if P.labels is not None else stats
     common = (P.N, P.V, P.Ds, P.Dt) + P.strides() + (cols_per_split, n_splits) + P.scalars()
     fl = P.flags()
-    linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=1,
+    linear_stats_kernel[(n_rb * n_splits,)](*P.args(), labels, stats, part, *common, PASS=1,
                                           BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                           **_launch_options(warps), **fl)
     FB = 64 if not interpreting() else 16
     linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
                                                   DIV=fl["DIV"], PASS=1, BLOCK_M=FB)
     if fl["DIV"] not in (0, 1, 6):  # jsd, skew_*, tvd: second sweep for the loss and aux sums
-        linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=2,
+        linear_stats_kernel[(n_rb * n_splits,)](*P.args(), labels, stats, part, *common,
+                                                PASS=2,
                                               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                               **_launch_options(warps), **fl)
         linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
@@ -406,6 +426,12 @@ def forward_stats(P: _Problem):
     return stats, rows
 
 
+# Row blocks per tile group of the gradient kernel: 16 x 64 rows of hidden (Ds + Dt = 8192
+# bf16: 17 MB) stay in L2 while the group walks the chunk's columns; the weights are read once
+# per group (N / 1024 times per sweep).
+GRAD_GROUP_M = 16
+
+
 def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     """out [N, width] = gradient w.r.t. the student logits (before scale and softcap) of
     columns [c0, c0 + width)."""
@@ -413,11 +439,12 @@ def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     BM, BN, BK, warps = _tiles(P.h_s.dtype)
     labels = P.labels if P.labels is not None else stats
     inv_t, s_scale, t_scale, s_cap, t_cap, beta = P.scalars()
-    linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
+    linear_grad_kernel[(triton.cdiv(P.N, BM) * triton.cdiv(width, BN),)](
         *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
         P.N, P.V, P.Ds, P.Dt, *P.strides(), inv_t, s_scale, t_scale, s_cap, t_cap, beta,
         o.soft_scale, o.hard_weight, o.ignore_index,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GRAD_GROUP_M,
+        **_launch_options(warps), **P.flags())
 
 
 # ---- GEMM with an accumulating epilogue ------------------------------------------------------------
