@@ -227,7 +227,11 @@ def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: t
         tl.store(div_ptr + rows, loss, mask=row_in)
 
 
-@triton.jit(do_not_specialize=["N", "c0", "c_width"])
+# N (tokens) is not specialised: a new batch size does not recompile. c0 and c_width are (the
+# chunk width is a multiple of 128, so c0 always divides by 16; only the last chunk differs):
+# without their divisibility the store offsets cost 30 more registers and the heaviest variant
+# (jsd, hard loss, softcap) spills.
+@triton.jit(do_not_specialize=["N"])
 def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
@@ -301,7 +305,10 @@ def linear_grad_kernel(
 def _tiles(dtype, kernel="grad"):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps). The stats kernel keeps two accumulators and the
     online-softmax temporaries live at once, so it takes half the vocabulary tile of the grad
-    kernel to stay within the register file (checked: no spills, tests/test_aot.py)."""
+    kernel to stay within the register file (checked: no spills, tests/test_aot.py). Larger
+    tiles spill on sm_90 (triton 3.9, 8 warps, 255 registers): stats 128 x 64 (8-40 bytes of
+    stack in 10 of 14 variants), 128 x 128 (up to 1.8 KB); grad 64 x 256 (up to 1.3 KB).
+    Grad 128 x 64 fits (208-254 registers) but gives the same m64n64 warpgroup MMA."""
     if interpreting():
         return 16, 32, 16, 4  # small, so interpreter tests stay quick
     if dtype == torch.float32:
@@ -381,6 +388,13 @@ def stats_splits(N, V, sms, BM, BN):
     return max(1, min(triton.cdiv(V, BN), max(best, triton.cdiv(2 * sms, triton.cdiv(N, BM)))))
 
 
+def split_plan(N, V, sms, BM, BN):
+    """(splits, columns per split, a multiple of BN) of the statistics sweep."""
+    n = stats_splits(N, V, sms, BM, BN)
+    cols = triton.cdiv(triton.cdiv(V, n), BN) * BN
+    return triton.cdiv(V, cols), cols
+
+
 def forward_stats(P: _Problem):
     """Per-row statistics [N, N_ROW] and per-row losses [N] (0 at ignored rows, NaN in rows
     without distributions)."""
@@ -388,9 +402,7 @@ def forward_stats(P: _Problem):
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
     n_rb = triton.cdiv(P.N, BM)
-    n_splits = stats_splits(P.N, P.V, multiprocessor_count(dev), BM, BN)
-    cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
-    n_splits = triton.cdiv(P.V, cols_per_split)
+    n_splits, cols_per_split = split_plan(P.N, P.V, multiprocessor_count(dev), BM, BN)
     part = torch.empty(P.N, n_splits, N_PART, dtype=torch.float32, device=dev)
     stats = torch.empty(P.N, N_ROW, dtype=torch.float32, device=dev)
     div = torch.empty(P.N, dtype=torch.float32, device=dev)
