@@ -128,6 +128,19 @@ def default_chunk(n_rows: int, width: int, device: torch.device, buffers: int = 
     return int(max(1, min(n_rows, rows)))
 
 
+def new_buffer(shape, dtype, device) -> torch.Tensor:
+    """torch.empty; on CPU, big buffers are backed by transparent huge pages (madvise before
+    the first touch, as the cpu backend's buffers): 4 KiB first-touch faults of the per-call
+    chunk buffers otherwise cost a few percent of the GEMMs."""
+    out = torch.empty(shape, dtype=dtype, device=device)
+    nbytes = out.numel() * out.element_size()
+    if out.device.type == "cpu" and nbytes >= (16 << 20):
+        from fastdistill.backends import _ext
+        if _ext._C is not None:
+            _ext._C.advise_hugepages(out.data_ptr(), nbytes)
+    return out
+
+
 def _round_up(x: int, m: int) -> int:
     return (x + m - 1) // m * m
 
@@ -297,8 +310,8 @@ def run_chunks(hidden, weight, bias, row_fn, chunk, softcap, pre_scale, needs, s
     w = weight if tc else weight.float()  # one float32 copy per sweep on the upcast path
     b = bias.float() if bias is not None else None
     V = weight.shape[0]
-    zbuf = torch.empty(chunk, V, dtype=torch.float32, device=dev)
-    thbuf = torch.empty_like(zbuf) if softcap is not None else None
+    zbuf = new_buffer((chunk, V), torch.float32, dev)
+    thbuf = new_buffer((chunk, V), torch.float32, dev) if softcap is not None else None
     ring = None
     g_h = g_w = g_b = None
     if tc and want:
@@ -306,7 +319,7 @@ def run_chunks(hidden, weight, bias, row_fn, chunk, softcap, pre_scale, needs, s
         g_h = ring.g_h
     elif want:
         g_h = torch.empty_like(hidden) if needs[0] else None
-        g_w = torch.zeros(weight.shape, dtype=torch.float32, device=dev) if needs[1] else None
+        g_w = new_buffer(weight.shape, torch.float32, dev).zero_() if needs[1] else None
     if want and bias is not None and needs[2]:
         g_b = torch.zeros(bias.shape, dtype=torch.float32, device=dev)
     direct = direct_grad and ring is not None and row_factor is None and softcap is None

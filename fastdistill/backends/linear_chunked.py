@@ -2,9 +2,11 @@
 
 Rows go in chunks; per chunk the student and teacher logits come from the matmul in float32
 (never rounded to 16 bits before the softmax), the logit-level kernel of the chosen backend
-turns them into the row losses and the logit gradient in place, and that gradient flows into
-grad_hidden, grad_weight (float32 accumulation) and grad_bias right away (fastdistill/_chunked.py).
-Extra memory: O(chunk x V).
+turns them into the row losses and the logit gradient (in place on the float32 path; straight
+into the 16-bit ring of fastdistill/_chunked.py on CUDA with the triton backend), and that
+gradient flows into grad_hidden, grad_weight (float32 accumulation) and grad_bias
+(fastdistill/_chunked.py: run_chunks). Extra memory: the chunk and ring buffers of plan_chunks
+(O(chunk x V)), and for several rings the low plane of grad_weight (V x D x 2 bytes).
 """
 
 from __future__ import annotations
@@ -12,7 +14,8 @@ from __future__ import annotations
 import torch
 
 from fastdistill import backends
-from fastdistill._chunked import mm_f32, plan_chunks, run_chunks, tensor_core_path
+from fastdistill._chunked import (mm_f32, new_buffer, plan_chunks, run_chunks,
+                                  tensor_core_path)
 from fastdistill.config import KernelOptions
 
 
@@ -40,7 +43,7 @@ def forward(call, grad_scale: torch.Tensor, row_factor, needs, chunk_rows: int):
         # 16-bit CUDA teacher weights stay as they are (float32 outputs); elsewhere one float32
         # copy per sweep
         t_w = call.w_t if tensor_core_path(call.w_t, call.h_t) else call.w_t.float()
-        t_buf = torch.empty(min(chunk, N), vt, dtype=torch.float32, device=device)
+        t_buf = new_buffer((min(chunk, N), vt), torch.float32, device)
 
     def teacher_chunk(r0, r1):
         with torch.no_grad():
