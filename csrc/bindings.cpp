@@ -138,7 +138,46 @@ PYBIND11_MODULE(_C, m) {
   pointer(sa, "stream", &fd::ScaleArgs::stream);
   address(sa);
 
+  py::class_<fd::TopkParams>(m, "TopkParams")
+      .def(py::init<>())
+      .def_readwrite("divergence", &fd::TopkParams::divergence)
+      .def_readwrite("beta", &fd::TopkParams::beta)
+      .def_readwrite("s_mul", &fd::TopkParams::s_mul)
+      .def_readwrite("h_mul", &fd::TopkParams::h_mul)
+      .def_readwrite("soft_scale", &fd::TopkParams::soft_scale)
+      .def_readwrite("hard_weight", &fd::TopkParams::hard_weight)
+      .def_readwrite("ignore_index", &fd::TopkParams::ignore_index)
+      .def_readwrite("vocab", &fd::TopkParams::vocab)
+      .def_readwrite("k", &fd::TopkParams::k)
+      .def_readwrite("tail", &fd::TopkParams::tail);
+
+  py::class_<fd::TopkArgs> ta(m, "TopkArgs");
+  ta.def(py::init<>())
+      .def_readwrite("s_dtype", &fd::TopkArgs::s_dtype)
+      .def_readwrite("s_stride", &fd::TopkArgs::s_stride)
+      .def_readwrite("i_dtype", &fd::TopkArgs::i_dtype)
+      .def_readwrite("i_stride", &fd::TopkArgs::i_stride)
+      .def_readwrite("l_dtype", &fd::TopkArgs::l_dtype)
+      .def_readwrite("l_stride", &fd::TopkArgs::l_stride)
+      .def_readwrite("g_stride", &fd::TopkArgs::g_stride)
+      .def_readwrite("grad_width", &fd::TopkArgs::grad_width)
+      .def_readwrite("n_rows", &fd::TopkArgs::n_rows)
+      .def_readwrite("params", &fd::TopkArgs::params)
+      .def_readwrite("num_threads", &fd::TopkArgs::num_threads);
+  pointer(ta, "student", &fd::TopkArgs::student);
+  pointer(ta, "indices", &fd::TopkArgs::indices);
+  pointer(ta, "logprobs", &fd::TopkArgs::logprobs);
+  pointer(ta, "labels", &fd::TopkArgs::labels);
+  pointer(ta, "grad", &fd::TopkArgs::grad);
+  pointer(ta, "loss_rows", &fd::TopkArgs::loss_rows);
+  pointer(ta, "grad_scale", &fd::TopkArgs::grad_scale);
+  pointer(ta, "work", &fd::TopkArgs::work);
+  pointer(ta, "stream", &fd::TopkArgs::stream);
+  address(ta);
+
   m.def("cpu_isa", &fd::cpu::isa_name, "ISA variant of the host kernels in use");
+  m.def("topk_cpu", &nogil<fd::TopkArgs, fd::cpu::best::topk_rows>,
+        "top-k (sparse teacher) distillation loss and gradient, host");
   m.def("distill_cpu", &nogil<fd::DistillArgs, fd::cpu::best::distill_rows>,
         "logit-level distillation loss and gradient, host");
   m.def("feature_cpu", &nogil<fd::FeatureArgs, fd::cpu::best::feature_rows>,
@@ -150,6 +189,8 @@ PYBIND11_MODULE(_C, m) {
         "logit-level distillation loss and gradient, CUDA");
   m.def("feature_cuda", &nogil<fd::FeatureArgs, fd::cuda::feature_rows>,
         "feature loss and gradient, CUDA");
+  m.def("topk_cuda", &nogil<fd::TopkArgs, fd::cuda::topk_rows>,
+        "top-k (sparse teacher) distillation loss and gradient, CUDA");
   m.def("scale_rows_cuda", &nogil<fd::ScaleArgs, fd::cuda::scale_rows>,
         "in-place row scaling of a gradient, CUDA");
   m.def("cuda_last_error", &fd::cuda::last_error,

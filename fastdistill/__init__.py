@@ -11,6 +11,8 @@ Public API (see README.md and the functions' docstrings for the exact semantics)
     fd.FeatureDistillLoss(layer_map, student_dims, teacher_dims, ...)
     fd.LayerMap.uniform(Ls, Lt) / .last(k, Ls, Lt) / .explicit(pairs, Ls, Lt)
     fd.ProgressiveLayerDrop(...), fd.StochasticLayerDrop(...)   (layer-pair schedules)
+    fd.distill_loss(s, None, labels, teacher_topk=(indices, logprobs), topk_tail="bucket")
+    fd.offline.extract_topk(model, batches, k, temperature, out_dir)   (top-k teachers on disk)
 """
 
 from fastdistill._version import __version__
@@ -23,6 +25,8 @@ from fastdistill.linear import linear_distill_loss
 from fastdistill.losses import DistillLoss, LinearDistillLoss
 from fastdistill.layers import LayerMap, LayerSchedule, ProgressiveLayerDrop, StochasticLayerDrop
 from fastdistill.feature_distill import FeatureDistillLoss
+from fastdistill.student import make_student
+from fastdistill import offline  # noqa: F401,E402 (safetensors / tqdm load only when used)
 
 __all__ = [
     "__version__",
@@ -40,4 +44,13 @@ __all__ = [
     "DIVERGENCES",
     "FEATURE_KINDS",
     "BackendUnavailableError",
+    "make_student",
 ]
+
+
+def __getattr__(name):
+    # fd.integrations loads on first use (its submodules import transformers / TRL)
+    if name == "integrations":
+        import importlib
+        return importlib.import_module("fastdistill.integrations")
+    raise AttributeError(f"module 'fastdistill' has no attribute {name!r}")

@@ -1,7 +1,8 @@
 """Chunked "linear layer + row loss" with the gradient computed in the forward pass.
 
-Shared by linear_distill_loss (lm_head + divergence) and feature_loss with a projection
-(projection + feature loss). For rows in chunks of ``chunk`` tokens:
+The engine of the custom ops fastdistill::linear_distill (mode="chunked": lm_head + divergence,
+backends/linear_chunked.py), fastdistill::projected_feature (projection + feature loss) and the
+linear top-k loss. For rows in chunks of ``chunk`` tokens:
 
     z = hidden[c] @ weight.T (+ bias)           float32, never rounded before the loss
     z = softcap * tanh(z / softcap)             optional (Gemma-style)
@@ -34,7 +35,7 @@ Two paths:
 With a scalar loss (mean / sum) the gradients are complete after the forward and backward only
 multiplies them by grad_output. With ``reduction="none"`` each row has its own grad_output, so
 the forward computes the losses only and backward recomputes the chunks with the per-row
-factors folded in (one extra matmul per chunk, no extra memory).
+factors folded in (one extra matmul per chunk, no extra memory): see ops.py.
 """
 
 from __future__ import annotations
@@ -187,45 +188,6 @@ def plan_chunks(n_rows: int, width: int, weight: torch.Tensor, hidden: torch.Ten
     return c, min(ring, _round_up(N, c))
 
 
-class ChunkedLinearLoss(torch.autograd.Function):
-    """Loss of ``row_fn`` over ``hidden @ weight.T + bias`` in chunks; see the module doc."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, bias, row_fn: RowFn, chunk: int, softcap: Optional[float],
-                per_row: bool, scale: torch.Tensor):
-        needs = ctx.needs_input_grad[:3]
-        ctx.row_fn, ctx.chunk, ctx.softcap, ctx.per_row = row_fn, chunk, softcap, per_row
-        ctx.w_dtype = weight.dtype
-        ctx.b_dtype = bias.dtype if bias is not None else None
-        want = needs if (any(needs) and not per_row) else (False,) * 3
-        rows, grads = run_chunks(hidden, weight, bias, row_fn, chunk, softcap, 1.0, want, scale,
-                                 None)
-        if per_row:
-            ctx.save_for_backward(hidden, weight, bias)
-            return rows
-        ctx.grads = grads if any(want) else None
-        return rows.sum() * scale
-
-    @staticmethod
-    def backward(ctx, g_out):
-        needs = ctx.needs_input_grad[:3]
-        if ctx.per_row:
-            hidden, weight, bias = ctx.saved_tensors
-            one = torch.ones((), dtype=torch.float32, device=hidden.device)
-            _, grads = run_chunks(hidden, weight, bias, ctx.row_fn, ctx.chunk, ctx.softcap, 1.0,
-                                  needs, one, g_out.to(torch.float32))
-        else:
-            grads, ctx.grads = ctx.grads, None
-            if grads is None:
-                raise RuntimeError("fastdistill: backward ran twice through one forward, or "
-                                   "the forward ran without gradients")
-            grads = [g * g_out.to(g.dtype) if g is not None else None for g in grads]
-        g_h, g_w, g_b = grads
-        return (g_h, g_w.to(ctx.w_dtype) if g_w is not None else None,
-                g_b.to(ctx.b_dtype) if g_b is not None else None,
-                None, None, None, None, None)
-
-
 class _Ring:
     """The staged 16-bit logit gradient of up to `rows` rows and the backward GEMMs run on it
     (the 16-bit CUDA path of run_chunks)."""
@@ -372,10 +334,3 @@ def run_chunks(hidden, weight, bias, row_fn, chunk, softcap, pre_scale, needs, s
         ring.flush()
         g_w = ring.result_w()
     return rows_out, [g_h, g_w, g_b]
-
-
-def chunked_linear_loss(hidden, weight, bias, row_fn: RowFn, chunk: int,
-                        softcap: Optional[float], per_row: bool,
-                        scale: torch.Tensor) -> torch.Tensor:
-    """Reduced loss (0-d, ``scale * sum``) or per-row losses ``[N]`` (per_row)."""
-    return ChunkedLinearLoss.apply(hidden, weight, bias, row_fn, chunk, softcap, per_row, scale)

@@ -7,8 +7,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from fastdistill import _checks, backends
-from fastdistill._chunked import chunked_linear_loss, default_chunk
+from fastdistill import _checks, ops
+from fastdistill._chunked import default_chunk
 from fastdistill._rows import reduction_scale
 from fastdistill.reference import reference_feature_loss  # noqa: F401 (moved there)
 
@@ -35,8 +35,10 @@ def projection_params(projection, ds: int, dt: int, device: torch.device):
 def projected_feature_loss(student, teacher, projection, kind: int, mask, reduction: str,
                            backend: str, chunk_size=None, coef: float = 1.0) -> torch.Tensor:
     """``coef * feature_loss(student, teacher, projection=...)`` with ``mask`` flattened to
-    ``[N]``. ``coef`` is folded into the gradient scale (or the per-row factors) in float32,
-    so a 16-bit student gradient is rounded once."""
+    ``[N]``, through the custom op ``fastdistill::projected_feature``. ``coef`` is folded into
+    the gradient scale (or, with reduction "none", multiplies the per-row losses, so backward
+    passes coef * grad_output as the per-row factors) in float32: a 16-bit student gradient is
+    rounded once."""
     lead = student.shape[:-1]
     ds, dt = student.shape[-1], teacher.shape[-1]
     weight, bias = projection_params(projection, ds, dt, student.device)
@@ -45,16 +47,13 @@ def projected_feature_loss(student, teacher, projection, kind: int, mask, reduct
     scale = reduction_scale(reduction, N, mask, student.device)
     if coef != 1.0 and reduction != "none":
         scale = scale * coef
-    impl = backends.get(backend)
-
-    def row_fn(r0, r1, z, need_grad, grad_scale):
-        m = mask[r0:r1] if mask is not None else None
-        return impl.feature_forward(z, t2[r0:r1], m, kind, grad_scale, need_grad)
-
-    chunk = chunk_size or default_chunk(N, max(ds, dt), student.device)
     per_row = reduction == "none"
-    loss = chunked_linear_loss(s2, weight, bias, row_fn, chunk, None, per_row, scale)
+    chunk = chunk_size or default_chunk(N, max(ds, dt), student.device)
+    on = torch.is_grad_enabled()
+    loss, _, _, _ = ops.projected_feature(
+        s2, weight, bias, t2, mask, scale, None, kind, per_row, backend, chunk,
+        on and student.requires_grad, on and weight.requires_grad,
+        on and bias is not None and bias.requires_grad)
     if not per_row:
         return loss
-    # backward passes coef * grad_output as the per-row factors (applied in float32)
     return (loss * coef if coef != 1.0 else loss).reshape(lead)

@@ -123,8 +123,8 @@ class FeatureDistillLoss(nn.Module):
     :meth:`step` advances (call it once per optimizer step); without a schedule every pair is
     active and ``step`` is ignored. The projections of inactive pairs get no gradient (under
     DistributedDataParallel that needs ``find_unused_parameters=True``).
-    ``torch.compile(fullgraph=True)`` traces the direct pairs; projected pairs take the chunked
-    projection path of ``feature_loss``, which compiles with a graph break.
+    ``torch.compile(fullgraph=True)`` traces it whole: direct pairs are one custom op call per
+    weight, projected pairs one ``fastdistill::projected_feature`` call each.
 
     Returns, with A the active pairs, ``c_p = w_p / sum_{q in A} w_q`` (normalize_weights) or
     ``w_p``, and ``L_p`` the :func:`fastdistill.feature_loss` of pair p (its projection applied)
@@ -221,10 +221,15 @@ class FeatureDistillLoss(nn.Module):
             self.schedule.step(n)
 
     def get_extra_state(self):
-        return {"schedule": self.schedule.state_dict() if self.schedule is not None else None}
+        return {"schedule": self.schedule.state_dict() if self.schedule is not None else None,
+                "pairs": [list(p) for p in self.layer_map.pairs]}
 
     def set_extra_state(self, state) -> None:
         sched = state.get("schedule") if isinstance(state, dict) else None
+        pairs = state.get("pairs") if isinstance(state, dict) else None
+        if pairs is not None and [tuple(p) for p in pairs] != list(self.layer_map.pairs):
+            raise ValueError(f"the state_dict is for the layer pairs {[tuple(p) for p in pairs]}, "
+                             f"this FeatureDistillLoss has {list(self.layer_map.pairs)}")
         if (sched is None) != (self.schedule is None):
             raise ValueError("the state_dict's schedule state does not match this "
                              "FeatureDistillLoss: one has a schedule and the other does not")

@@ -10,8 +10,9 @@ from __future__ import annotations
 
 import torch
 
-from fastdistill import _checks, _rows, backends, ops
+from fastdistill import _checks, _rows, backends, ops, topk
 from fastdistill.config import FEATURE_KINDS, DistillConfig
+from fastdistill.distributed import is_vocab_parallel, vocab_parallel_distill_loss
 
 
 def _need_grad(x: torch.Tensor) -> bool:
@@ -30,7 +31,8 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
                  beta=0.5, ratio=0.5, temperature=1.0, t2_scale=False, hard_weight=0.0,
                  soft_weight=1.0, ignore_index=-100, reduction="mean", num_items_in_batch=None,
                  vocab_size=None, mask=None, student_logit_scale=None, teacher_logit_scale=None,
-                 shift_labels=False, backend="auto") -> torch.Tensor:
+                 shift_labels=False, teacher_topk=None, topk_tail="bucket",
+                 backend="auto", vocab_group=None) -> torch.Tensor:
     """Distillation loss between student and teacher logits, with optional hard-label CE.
 
     With P = softmax(teacher_logit_scale * teacher_logits / T) and Q = softmax(
@@ -60,29 +62,55 @@ def distill_loss(student_logits, teacher_logits, labels=None, *, divergence="for
         student_logit_scale, teacher_logit_scale: the logits are multiplied by these first.
         shift_labels: causal LMs: the same as passing ``logits[..., :-1, :]`` and
             ``labels[..., 1:]`` (and ``mask[..., 1:]``), without copying the logits.
+        teacher_topk: ``(indices [..., K], logprobs [..., K])`` in place of the teacher
+            (``teacher_logits=None``): a sparse teacher, e.g. stored by
+            ``fastdistill.offline`` or served by vLLM; the logprobs are the teacher's
+            log-probabilities at ``temperature``, used as given (fastdistill/topk.py).
+        topk_tail: ``bucket``, ``none`` or ``renormalize``: what becomes of the mass outside
+            the K indices (formulas in fastdistill/reference.py).
         backend: ``auto``, ``triton``, ``cuda``, ``cpu`` or ``torch``.
+        vocab_group: a ProcessGroup: the logits are this rank's contiguous vocabulary slice
+            (ranks in order); also taken from DTensor logits placed ``Shard(-1)``. See
+            :func:`fastdistill.distributed.vocab_parallel_distill_loss`.
 
     Returns:
         float32 loss: 0-d, or the leading shape for ``none``.
     """
-    _logit_tensors(student_logits, teacher_logits, vocab_size)
+    if vocab_group is None and teacher_topk is None and teacher_logits is not None:
+        _logit_tensors(student_logits, teacher_logits, vocab_size)
     cfg = DistillConfig(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
                         t2_scale=t2_scale, hard_weight=hard_weight, soft_weight=soft_weight,
                         ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
                         student_logit_scale=student_logit_scale,
                         teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
-                        backend=backend)
+                        topk_tail=topk_tail, backend=backend)
     return distill_loss_with(cfg, student_logits, teacher_logits, labels, mask=mask,
-                             num_items_in_batch=num_items_in_batch)
+                             num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk,
+                             vocab_group=vocab_group)
 
 
 def distill_loss_with(cfg: DistillConfig, student_logits, teacher_logits, labels=None, *,
-                      mask=None, num_items_in_batch=None) -> torch.Tensor:
+                      mask=None, num_items_in_batch=None, teacher_topk=None,
+                      vocab_group=None) -> torch.Tensor:
     """:func:`distill_loss` with its options in a validated :class:`DistillConfig` (what the
     modules and trainers call)."""
     if cfg.student_softcap is not None or cfg.teacher_softcap is not None:
         raise ValueError("student_softcap / teacher_softcap apply to linear_distill_loss; "
                          "distill_loss takes logits that are already capped")
+    if teacher_topk is not None:
+        if teacher_logits is not None:
+            raise ValueError("pass either teacher_logits or teacher_topk, not both")
+        if vocab_group is not None:
+            raise ValueError("teacher_topk does not take vocab_group: a sparse teacher's "
+                             "indices address the whole vocabulary")
+        return topk.distill_loss_topk(cfg, student_logits, teacher_topk, labels, mask=mask,
+                                      num_items_in_batch=num_items_in_batch)
+    if teacher_logits is None:
+        raise TypeError("teacher_logits must be a torch.Tensor, got NoneType (or pass "
+                        "teacher_topk=(indices, logprobs) for a sparse teacher)")
+    if is_vocab_parallel(student_logits, teacher_logits, group=vocab_group):
+        return vocab_parallel_distill_loss(student_logits, teacher_logits, labels, mask, cfg,
+                                           num_items_in_batch, vocab_group)
     V = _logit_tensors(student_logits, teacher_logits, cfg.vocab_size)
     lead = student_logits.shape[:-1]
     device = _checks.same_device(("student_logits", "teacher_logits", "labels", "mask"),
@@ -133,6 +161,10 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
     m = _checks.mask(mask, lead, "features'") if mask is not None else None
     device = _checks.same_device(("student", "teacher", "mask"), (student, teacher, mask))
     _checks.teacher_grad([("teacher", teacher)], "student", student.requires_grad)
+    for n, x in (("student", student), ("teacher", teacher)):
+        if x.shape[-1] == 0:
+            raise ValueError(f"{n} must have at least one feature (last dimension), got shape "
+                             f"{tuple(x.shape)}")
     name = backends.resolve(backend, device)
     code = FEATURE_KINDS.index(kind)
     teacher = teacher.detach()
@@ -143,8 +175,6 @@ def feature_loss(student, teacher, *, kind="mse", mask=None, projection=None, re
         raise ValueError(f"student has {student.shape[-1]} features and teacher has "
                          f"{teacher.shape[-1]}; pass projection=[Dt, Ds] weight (or nn.Linear) "
                          "when the widths differ")
-    if student.shape[-1] == 0:
-        raise ValueError("student and teacher must have at least one feature, got 0")
     s2, t2 = _checks.rows2d(student), _checks.rows2d(teacher)
     scale = _rows.prepare(lead, 1, None, mask, ignore_index=-100, reduction=reduction,
                           shift_labels=False, hard_weight=0.0, vocab=1, num_items_in_batch=None,

@@ -189,6 +189,10 @@ class LayerSchedule:
         if set(state) != want:
             raise ValueError(f"state must have the keys {sorted(want)} of a "
                              f"{type(self).__name__}.state_dict(), got {sorted(state)}")
+        if state["num_pairs"] != self.num_pairs:
+            raise ValueError(f"state is for {state['num_pairs']} layer pairs, this schedule has "
+                             f"{self.num_pairs}: a schedule saved for another layer map would "
+                             "leave pairs that never train")
         kwargs = {k: state[k] for k in self._ARGS}
         type(self).__init__(self, state["num_pairs"], **kwargs)  # re-validates the arguments
         self.current_step = _int("current_step", state["current_step"])

@@ -18,8 +18,9 @@ from __future__ import annotations
 
 import torch
 
-from fastdistill import _checks, _rows, backends, ops
+from fastdistill import _checks, _rows, backends, ops, topk
 from fastdistill.config import DistillConfig
+from fastdistill.distributed import is_vocab_parallel, vocab_parallel_linear_distill_loss
 
 
 def _bias(name, b, width):
@@ -59,7 +60,8 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                         reduction="mean", num_items_in_batch=None, vocab_size=None, mask=None,
                         student_logit_scale=None, teacher_logit_scale=None, shift_labels=False,
                         backend="auto", chunk_size=None, vocab_chunk_size=None,
-                        mode="auto") -> torch.Tensor:
+                        mode="auto", teacher_topk=None, topk_tail="bucket",
+                        vocab_group=None) -> torch.Tensor:
     """Distillation loss of ``student_hidden @ student_weight.T (+ bias)`` against the teacher,
     without materialising the logits.
 
@@ -76,6 +78,13 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
         vocab_chunk_size: vocabulary columns per backward chunk (mode="fused").
         mode: ``chunked`` (every backend), ``fused`` (Triton only, no logits in memory) or
             ``auto`` (= chunked: the faster one, see the module doc).
+        teacher_topk, topk_tail: a sparse teacher ``(indices [..., K], logprobs [..., K])`` in
+            place of teacher_hidden / teacher_weight (see :func:`fastdistill.distill_loss`);
+            runs chunked: each chunk's student logits stream through the top-k row kernel.
+        vocab_group: a ProcessGroup: the weights (and bias, teacher_logits) are this rank's
+            contiguous vocabulary rows (ranks in order), the hidden states the same on every
+            rank; also taken from DTensor weights placed ``Shard(0)``. See
+            :func:`fastdistill.distributed.vocab_parallel_linear_distill_loss`.
         Every other keyword is that of :func:`fastdistill.distill_loss`, with the same
         semantics on the logits.
 
@@ -89,23 +98,43 @@ def linear_distill_loss(student_hidden, student_weight, teacher_hidden=None, tea
                         teacher_logit_scale=teacher_logit_scale,
                         student_softcap=student_softcap, teacher_softcap=teacher_softcap,
                         shift_labels=shift_labels, backend=backend, mode=mode,
-                        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size)
+                        chunk_size=chunk_size, vocab_chunk_size=vocab_chunk_size,
+                        topk_tail=topk_tail)
     return linear_distill_loss_with(cfg, student_hidden, student_weight, teacher_hidden,
                                     teacher_weight, labels, teacher_logits=teacher_logits,
                                     student_bias=student_bias, teacher_bias=teacher_bias,
-                                    mask=mask, num_items_in_batch=num_items_in_batch)
+                                    mask=mask, num_items_in_batch=num_items_in_batch,
+                                    teacher_topk=teacher_topk, vocab_group=vocab_group)
 
 
 def linear_distill_loss_with(cfg: DistillConfig, student_hidden, student_weight,
                              teacher_hidden=None, teacher_weight=None, labels=None, *,
                              teacher_logits=None, student_bias=None, teacher_bias=None,
-                             mask=None, num_items_in_batch=None) -> torch.Tensor:
+                             mask=None, num_items_in_batch=None,
+                             teacher_topk=None, vocab_group=None) -> torch.Tensor:
     """:func:`linear_distill_loss` with its options in a validated :class:`DistillConfig`."""
+    if teacher_topk is not None and vocab_group is not None:
+        raise ValueError("teacher_topk does not take vocab_group: a sparse teacher's indices "
+                         "address the whole vocabulary")
+    if teacher_topk is None and is_vocab_parallel(student_hidden, student_weight, student_bias, teacher_hidden,
+                         teacher_weight, teacher_bias, teacher_logits, group=vocab_group):
+        return vocab_parallel_linear_distill_loss(
+            student_hidden, student_weight, teacher_hidden, teacher_weight, labels,
+            teacher_logits=teacher_logits, student_bias=student_bias, teacher_bias=teacher_bias,
+            mask=mask, cfg=cfg, num_items_in_batch=num_items_in_batch, group=vocab_group)
     _hidden("student_hidden", student_hidden)
     lead, ds = student_hidden.shape[:-1], student_hidden.shape[-1]
     _weight("student_weight", student_weight, ds, "student_hidden")
     vs = student_weight.shape[0]
     _bias("student_bias", student_bias, vs)
+    if teacher_topk is not None:
+        if any(x is not None for x in (teacher_hidden, teacher_weight, teacher_bias,
+                                       teacher_logits)):
+            raise ValueError("pass either teacher_topk or a dense teacher (teacher_hidden + "
+                             "teacher_weight, or teacher_logits), not both")
+        return topk.linear_loss_topk(cfg, student_hidden, student_weight, teacher_topk, labels,
+                                     student_bias=student_bias, mask=mask,
+                                     num_items_in_batch=num_items_in_batch)
     if teacher_logits is not None:
         if teacher_hidden is not None or teacher_weight is not None or teacher_bias is not None:
             raise ValueError("pass either teacher_logits or teacher_hidden + teacher_weight "

@@ -42,18 +42,18 @@ def _repr(cfg: DistillConfig, names) -> str:
 
 class DistillLoss(nn.Module):
     """``DistillLoss(**options)(student_logits, teacher_logits, labels=None, *, mask=None,
-    num_items_in_batch=None)``: :func:`fastdistill.distill_loss` with its options fixed at
-    construction (or given as ``config=DistillConfig(...)``)."""
+    num_items_in_batch=None, teacher_topk=None)``: :func:`fastdistill.distill_loss` with its
+    options fixed at construction (or given as ``config=DistillConfig(...)``)."""
 
     _NAMES = ("divergence", "beta", "ratio", "temperature", "t2_scale", "hard_weight",
               "soft_weight", "ignore_index", "reduction", "vocab_size", "student_logit_scale",
-              "teacher_logit_scale", "shift_labels", "backend")
+              "teacher_logit_scale", "shift_labels", "topk_tail", "backend")
 
     def __init__(self, divergence="forward_kl", beta=0.5, ratio=0.5, temperature=1.0,
                  t2_scale=False, hard_weight=0.0, soft_weight=1.0, ignore_index=-100,
                  reduction="mean", vocab_size=None, student_logit_scale=None,
-                 teacher_logit_scale=None, shift_labels=False, backend="auto", *, config=None,
-                 **unknown):
+                 teacher_logit_scale=None, shift_labels=False, backend="auto", topk_tail="bucket",
+                 *, config=None, **unknown):
         super().__init__()
         _unknown(type(self).__name__, unknown, self._NAMES)
         opts = dict(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
@@ -61,15 +61,15 @@ class DistillLoss(nn.Module):
                     ignore_index=ignore_index, reduction=reduction, vocab_size=vocab_size,
                     student_logit_scale=student_logit_scale,
                     teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
-                    backend=backend)
+                    backend=backend, topk_tail=topk_tail)
         self.config = _config(config, opts)
         if self.config.student_softcap is not None or self.config.teacher_softcap is not None:
             raise ValueError("student_softcap / teacher_softcap apply to LinearDistillLoss")
 
-    def forward(self, student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels=None,
-                *, mask=None, num_items_in_batch=None) -> torch.Tensor:
+    def forward(self, student_logits: torch.Tensor, teacher_logits=None, labels=None,
+                *, mask=None, num_items_in_batch=None, teacher_topk=None) -> torch.Tensor:
         return distill_loss_with(self.config, student_logits, teacher_logits, labels, mask=mask,
-                                 num_items_in_batch=num_items_in_batch)
+                                 num_items_in_batch=num_items_in_batch, teacher_topk=teacher_topk)
 
     def extra_repr(self) -> str:
         return _repr(self.config, self._NAMES)
@@ -90,7 +90,8 @@ class LinearDistillLoss(nn.Module):
                  reduction="mean", vocab_size=None, student_logit_scale=None,
                  teacher_logit_scale=None, shift_labels=False, backend="auto",
                  student_softcap=None, teacher_softcap=None, chunk_size=None,
-                 vocab_chunk_size=None, mode="auto", *, config=None, **unknown):
+                 vocab_chunk_size=None, mode="auto", topk_tail="bucket", *, config=None,
+                 **unknown):
         super().__init__()
         _unknown(type(self).__name__, unknown, self._NAMES)
         opts = dict(divergence=divergence, beta=beta, ratio=ratio, temperature=temperature,
@@ -100,17 +101,18 @@ class LinearDistillLoss(nn.Module):
                     teacher_logit_scale=teacher_logit_scale, shift_labels=shift_labels,
                     backend=backend, student_softcap=student_softcap,
                     teacher_softcap=teacher_softcap, chunk_size=chunk_size,
-                    vocab_chunk_size=vocab_chunk_size, mode=mode)
+                    vocab_chunk_size=vocab_chunk_size, mode=mode, topk_tail=topk_tail)
         self.config = _config(config, opts)
 
     def forward(self, student_hidden, student_weight, teacher_hidden=None, teacher_weight=None,
                 labels=None, *, teacher_logits=None, student_bias=None, teacher_bias=None,
-                mask=None, num_items_in_batch=None) -> torch.Tensor:
+                mask=None, num_items_in_batch=None, teacher_topk=None) -> torch.Tensor:
         return linear_distill_loss_with(self.config, student_hidden, student_weight,
                                         teacher_hidden, teacher_weight, labels,
                                         teacher_logits=teacher_logits,
                                         student_bias=student_bias, teacher_bias=teacher_bias,
-                                        mask=mask, num_items_in_batch=num_items_in_batch)
+                                        mask=mask, num_items_in_batch=num_items_in_batch,
+                                        teacher_topk=teacher_topk)
 
     def extra_repr(self) -> str:
         return _repr(self.config, self._NAMES)

@@ -221,43 +221,87 @@ def _(h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, scale, row_factor, diverge
             else h_s.new_empty(0))
 
 
-_LINEAR_TENSORS = 10  # tensor inputs of fastdistill::linear_distill, before the options
-_PER_ROW = 11         # index of per_row among the options
+# ---- autograd of the ops whose forward computes the gradients of three inputs ------------------
+# (fastdistill::linear_distill, fastdistill::projected_feature): outputs (loss, g_0, g_1, g_2)
+# for the first three inputs; with per_row (reduction "none") the forward computes the losses
+# only and backward calls the op again with the per-row grad_output as row_factor. Their schemas
+# share a layout: n_tensors tensor inputs (the last two: scale, row_factor), then the options,
+# of which `per_row` sits at index per_row_at and the three need flags come last.
+
+def _register_forward_grad_autograd(op, n_tensors: int, per_row_at: int):
+    def setup(ctx, inputs, output):
+        ctx.opts = inputs[n_tensors:]
+        ctx.per_row = ctx.opts[per_row_at]
+        ctx.set_materialize_grads(False)
+        ctx.mark_non_differentiable(*output[1:])
+        if ctx.per_row:  # backward recomputes with the per-row grad_output
+            ctx.save_for_backward(*inputs[:n_tensors - 2])
+        else:  # the gradients, already computed
+            ctx.save_for_backward(*output[1:])
+
+    def backward(ctx, g_loss, *unused):
+        needs = ctx.needs_input_grad[:3]
+        n_none = n_tensors - 3 + len(ctx.opts)
+        if g_loss is None:
+            return (None,) * (n_none + 3)
+        if ctx.per_row:
+            saved = ctx.saved_tensors
+            opts = list(ctx.opts)
+            opts[per_row_at] = False  # gradients, with the per-row factors folded in
+            opts[-3:] = list(needs)
+            one = torch.ones((), dtype=torch.float32, device=saved[0].device)
+            _, *grads = op(*saved, one, g_loss.to(torch.float32).contiguous(), *opts)
+        else:
+            if not any(ctx.opts[-3:]):
+                raise _need_grad_error()
+            grads = [_apply_grad_output(g, g_loss) if g.numel() else g
+                     for g in ctx.saved_tensors]
+        return tuple(g if need and g.numel() else None for g, need in zip(grads, needs)) + \
+            (None,) * n_none
+
+    torch.library.register_autograd(op, backward, setup_context=setup)
 
 
-def _linear_setup(ctx, inputs, output):
-    ctx.opts = inputs[_LINEAR_TENSORS:]
-    ctx.per_row = ctx.opts[_PER_ROW]
-    ctx.set_materialize_grads(False)
-    ctx.mark_non_differentiable(*output[1:])
-    if ctx.per_row:  # backward recomputes with the per-row grad_output
-        ctx.save_for_backward(*inputs[:8])
-    else:  # the gradients, already computed
-        ctx.save_for_backward(*output[1:])
+_register_forward_grad_autograd(linear_distill, n_tensors=10, per_row_at=11)
 
 
-def _linear_backward(ctx, g_loss, *unused):
-    need_h, need_w, need_b = ctx.needs_input_grad[:3]
-    n_none = _LINEAR_TENSORS - 3 + len(ctx.opts)
-    if g_loss is None:
-        return (None,) * (n_none + 3)
-    if ctx.per_row:
-        h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels = ctx.saved_tensors
-        opts = list(ctx.opts)
-        opts[_PER_ROW] = False  # gradients, with the per-row factors folded in
-        opts[-3:] = [need_h, need_w, need_b]
-        one = torch.ones((), dtype=torch.float32, device=h_s.device)
-        _, g_h, g_w, g_b = linear_distill(h_s, w_s, b_s, h_t, w_t, b_t, t_logits, labels, one,
-                                          g_loss.to(torch.float32).contiguous(), *opts)
-    else:
-        g_h, g_w, g_b = ctx.saved_tensors
-        if not any(ctx.opts[-3:]):
-            raise _need_grad_error()
-        g_h, g_w, g_b = (_apply_grad_output(g, g_loss) if g.numel() else g
-                         for g in (g_h, g_w, g_b))
-    return (g_h if need_h else None, g_w if need_w else None,
-            g_b if need_b and g_b.numel() else None) + (None,) * n_none
+# ---- fastdistill::projected_feature -------------------------------------------------------------
+
+@torch.library.custom_op("fastdistill::projected_feature", mutates_args=())
+def projected_feature(student: Tensor, weight: Tensor, bias: Optional[Tensor], teacher: Tensor,
+                      mask: Optional[Tensor], scale: Tensor, row_factor: Optional[Tensor],
+                      kind: int, per_row: bool, backend: str, chunk_rows: int, need_s: bool,
+                      need_w: bool, need_b: bool) -> Tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Feature loss of ``student [N, Ds] @ weight [Dt, Ds].T (+ bias)`` against ``teacher
+    [N, Dt]`` (kind: the position in FEATURE_KINDS), tokens in chunks of ``chunk_rows``
+    through the backend's fused feature kernel; the conventions of ``linear_distill``
+    (gradients computed in the call, of ``sum(scale * row_factor * rows)``)."""
+    from fastdistill._chunked import run_chunks
+    impl = backends.get(backend)
+
+    def row_fn(r0, r1, z, want, gs):
+        m = mask[r0:r1] if mask is not None else None
+        return impl.feature_forward(z, teacher[r0:r1], m, kind, gs, want)
+
+    needs = (need_s and not per_row, need_w and not per_row,
+             need_b and bias is not None and not per_row)
+    rows, (g_s, g_w, g_b) = run_chunks(student, weight, bias, row_fn, chunk_rows, None, 1.0,
+                                       needs, scale, row_factor)
+    loss = rows if per_row else rows.sum() * scale
+    return (loss, g_s.to(student.dtype) if g_s is not None else student.new_empty(0),
+            g_w.to(weight.dtype) if g_w is not None else student.new_empty(0),
+            g_b.to(bias.dtype) if g_b is not None else student.new_empty(0))
 
 
-torch.library.register_autograd("fastdistill::linear_distill", _linear_backward,
-                                setup_context=_linear_setup)
+@projected_feature.register_fake
+def _(student, weight, bias, teacher, mask, scale, row_factor, kind, per_row, backend,
+      chunk_rows, need_s, need_w, need_b):
+    loss = student.new_empty((student.shape[0],) if per_row else (), dtype=torch.float32)
+    want = not per_row
+    return (loss, student.new_empty(student.shape) if need_s and want else student.new_empty(0),
+            weight.new_empty(weight.shape) if need_w and want else student.new_empty(0),
+            bias.new_empty(bias.shape) if need_b and want and bias is not None
+            else student.new_empty(0))
+
+
+_register_forward_grad_autograd(projected_feature, n_tensors=7, per_row_at=1)

@@ -23,6 +23,16 @@ sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "cud
 
 import pytest  # noqa: E402
 
+try:  # property tests (tests/test_properties.py): a fixed seed and example count in CI
+    from hypothesis import settings as _hyp
+
+    _hyp.register_profile("ci", derandomize=True, deadline=None, print_blob=True,
+                          database=None)
+    _hyp.register_profile("dev", max_examples=300, deadline=None, print_blob=True)
+    _hyp.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
+except ImportError:
+    pass
+
 
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():

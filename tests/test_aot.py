@@ -9,7 +9,8 @@ import pytest
 pytest.importorskip("triton", reason="triton not installed")
 
 KERNELS = {"distill_kernel", "feature_kernel", "scale_rows_kernel", "linear_stats_kernel",
-           "linear_grad_kernel", "linear_finish_kernel", "mm_kernel"}
+           "linear_grad_kernel", "linear_finish_kernel", "mm_kernel", "topk_distill_kernel",
+           "topk_extract_kernel"}
 
 
 def test_every_kernel_compiled_for_both_archs(aot_records):
@@ -83,3 +84,16 @@ def test_fused_linear_uses_tensor_cores(aot_records):
     sync = [(r["name"], r["arch"]) for r in fused if r["kernel"] == "mm_kernel"
             and "LDGSTS" not in r["sass"]]
     assert not sync, f"mm_kernel without cp.async (its K-loop is not pipelined): {sync}"
+
+
+def test_sparse_teacher_kernels_stream_128_bits(aot_records):
+    """The top-k kernels read the student (or the logits) 128 bits at a time wherever they
+    stream it: every variant but renormalize without a hard loss, which reads only the K
+    logits of a row and writes its gradient without reading it."""
+    recs = [r for r in aot_records if r["kernel"] in ("topk_distill_kernel", "topk_extract_kernel")]
+    assert {r["arch"] for r in recs} == {80, 90}
+    streaming = [r for r in recs if not (r["divergence"].endswith(":renormalize")
+                                          and r["variant"] == "bench")]
+    scalar = [(r["name"], r["arch"]) for r in streaming if not r["ldg128"]]
+    assert streaming and not scalar, f"top-k kernels without 128-bit loads: {scalar}"
+    assert all("STG.E.128" in r["sass"] for r in recs if r["kernel"] == "topk_distill_kernel")

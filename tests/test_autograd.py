@@ -169,3 +169,16 @@ def test_linear_torch_compile_fullgraph(backend, reduction):
     assert_close(l2, l1, **LOSS_TOL, what="compiled linear loss")
     for x, y in zip(a, b):
         assert_close(y.grad, x.grad, **GRAD_TOL, what="compiled linear grad")
+
+
+@pytest.mark.parametrize("backend", ["cpu", "torch"])
+@pytest.mark.parametrize("per_row", [False, True])
+def test_opcheck_projected_feature(backend, per_row):
+    g = torch.Generator().manual_seed(5)
+    s = torch.randn(6, 8, generator=g).requires_grad_()
+    w = (torch.randn(12, 8, generator=g) * 0.3).requires_grad_()
+    b = (torch.randn(12, generator=g) * 0.1).requires_grad_()
+    t = torch.randn(6, 12, generator=g)
+    mask = torch.tensor([True, True, False, True, True, True])
+    args = (s, w, b, t, mask, torch.tensor(0.5), None, 2, per_row, backend, 4, True, True, True)
+    torch.library.opcheck(torch.ops.fastdistill.projected_feature.default, args)

@@ -75,9 +75,19 @@ def test_json_report_matches_the_extension():
 
 
 def test_importing_fastdistill_probes_no_gpu():
-    """Every module of the package imports with torch.cuda's device queries made to fail."""
+    """Every module of the package imports with torch.cuda's device queries made to fail. The
+    trainer libraries the integrations build on (transformers, TRL) probe at their own import:
+    they are imported first, before the queries fail."""
     script = r"""
 import pkgutil, importlib, torch, torch.cuda
+for lib, attrs in (("transformers", ("Trainer",)), ("trl", ("DistillationTrainer",)),
+                   ("trl.experimental.gkd", ("GKDTrainer",)),
+                   ("trl.experimental.gold", ("GOLDTrainer",))):
+    try:
+        m = importlib.import_module(lib)
+        [getattr(m, a) for a in attrs]
+    except ImportError:
+        pass
 def probe(*a, **k):
     raise AssertionError("a GPU was probed at import time")
 for name in ("is_available", "device_count", "get_device_capability", "get_device_properties",

@@ -103,6 +103,18 @@ BUDGETS = {
     ("triton", "distill_kernel", "symmetric_kl", "fp32", ""): (98, "90.62: forward and reverse numerators in one pass"),
     ("triton", "linear_grad_kernel", "symmetric_kl", "bf16", ""): (52, "48.09: forward and reverse numerators in one pass"),
     ("triton", "linear_stats_kernel", "symmetric_kl", "bf16", ""): (68, "63.25: forward and reverse numerators in one pass"),
+    # sparse (top-k) teachers, K = 64: the passes over the student only (bucket / none: the
+    # LSE outside the indices with a bitmask word per 32 columns, then the gradient); the O(K)
+    # loops over the indices and the persistent row loop are not per element
+    ("triton", "topk_distill_kernel", "forward_kl:bucket", "bf16", ""): (47, "24.5 + 18.6"),
+    ("triton", "topk_distill_kernel", "forward_kl:bucket", "fp32", ""): (45, "25.1 + 15.8"),
+    ("triton", "topk_distill_kernel", "jsd:none", "bf16", ""): (47, "24.5 + 18.5"),
+    ("cuda", "topk_kernel", "-", "bf16", ""): (48, "24.5 + 19.1"),
+    ("cuda", "topk_kernel", "-", "fp32", ""): (58, "30.8 + 22.3 (4 columns per 16-byte unit)"),
+    # the extraction's steady path as the model picks it includes the merge of a tile into the
+    # running top-K (two bitonic top-K over int64 keys); tiles that cannot enter skip it
+    ("triton", "topk_extract_kernel", "-", "bf16", ""): (725, "670: merge path included"),
+    ("triton", "topk_extract_kernel", "-", "fp32", ""): (765, "707: merge path included"),
 }
 # instructions per K step (BLOCK_K = 64: four HGMMA.64xNx16) of the fused linear kernels' GEMM
 # loops on sm_90; today 79-81 (stats), 91-97 (grad), 118-122 (mm_kernel: cp.async of a 64 x 64

@@ -101,3 +101,52 @@ def test_module_rejects_unknown_and_bad_options_at_construction():
     raises(ValueError, "divergence must be one of", fd.DistillLoss, divergence="kl")
     raises(ValueError, "backend must be one of", fd.DistillLoss, backend="gpu")
     raises(ValueError, "backend must be one of", fd.LinearDistillLoss, backend="gpu")
+    # every option is validated once, when the module (its DistillConfig) is built
+    raises(ValueError, "mode must be one of", fd.LinearDistillLoss, mode="x")
+    raises(ValueError, "chunk_size must be a positive int", fd.LinearDistillLoss, chunk_size=0)
+    raises(ValueError, "student_softcap must be a positive", fd.LinearDistillLoss,
+           student_softcap=-1.0)
+    raises(ValueError, "vocab_size must be >= 1", fd.DistillLoss, vocab_size=-1)
+    raises(TypeError, "config must be a fastdistill.DistillConfig", fd.DistillLoss, config={})
+    raises(TypeError, "either in config= or as keywords", fd.DistillLoss,
+           temperature=2.0, config=fd.DistillConfig())
+    raises(ValueError, "ratio must be <= 1", fd.DistillConfig, ratio=1.5)
+    raises(ValueError, "reduction must be one of", fd.DistillConfig, reduction="avg")
+
+
+def test_num_items_in_batch_must_be_finite():
+    raises(ValueError, "num_items_in_batch must be > 0 and finite", fd.distill_loss, S, T, L,
+           num_items_in_batch=float("inf"))
+    raises(ValueError, "num_items_in_batch must be > 0 and finite", fd.distill_loss, S, T, L,
+           num_items_in_batch=torch.tensor(float("inf")))
+    raises(ValueError, "num_items_in_batch must be > 0 and finite", fd.distill_loss, S, T, L,
+           num_items_in_batch=float("nan"))
+
+
+def test_teacher_with_grad_and_student_without_fails_at_forward():
+    t = T.clone().requires_grad_()
+    raises(ValueError, "teacher_logits requires grad but student_logits does not",
+           fd.distill_loss, S, t)
+    with torch.no_grad():  # evaluation: fine
+        assert torch.isfinite(fd.distill_loss(S, t))
+    h, w = torch.randn(4, 6), torch.randn(10, 6)
+    raises(ValueError, "teacher_weight requires grad but the student", fd.linear_distill_loss,
+           h, w, h, w.clone().requires_grad_())
+    raises(ValueError, "teacher requires grad but student does not", fd.feature_loss,
+           h, h.clone().requires_grad_())
+
+
+@pytest.mark.parametrize("mode,backend", [("chunked", "cpu"), ("fused", "triton")])
+def test_second_backward_through_a_linear_loss_raises(mode, backend):
+    """The gradients were computed in the forward and consumed by the first backward: a second
+    one through the same graph raises rather than returning them scaled twice."""
+    from util import cpu_backends
+    if backend not in cpu_backends():
+        pytest.skip(f"the {backend} backend is not available here")
+    h = torch.randn(4, 6, requires_grad=True)
+    w = torch.randn(10, 6, requires_grad=True)
+    loss = fd.linear_distill_loss(h, w, torch.randn(4, 6), torch.randn(10, 6), mode=mode,
+                                  backend=backend) * 2.0
+    loss.backward(retain_graph=True)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        loss.backward()

@@ -39,6 +39,7 @@ namespace best {
 
 int32_t distill_rows(const DistillArgs& a) { return FD_PICK(distill_rows, a); }
 int32_t feature_rows(const FeatureArgs& a) { return FD_PICK(feature_rows, a); }
+int32_t topk_rows(const TopkArgs& a) { return FD_PICK(topk_rows, a); }
 
 }  // namespace best
 }  // namespace cpu

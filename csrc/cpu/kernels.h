@@ -15,6 +15,7 @@ namespace cpu {
   namespace ns {                              \
   int32_t distill_rows(const DistillArgs& a); \
   int32_t feature_rows(const FeatureArgs& a); \
+  int32_t topk_rows(const TopkArgs& a);       \
   }
 
 FD_DECLARE_CPU_KERNELS(base)

@@ -18,6 +18,9 @@ int32_t distill_rows(const DistillArgs& a);
 // Feature losses (FeatureArgs); grad_scale is a device pointer.
 int32_t feature_rows(const FeatureArgs& a);
 
+// Top-k (sparse teacher) distillation (TopkArgs); grad_scale, work are device pointers.
+int32_t topk_rows(const TopkArgs& a);
+
 // In-place row scaling of a gradient (ScaleArgs); factor is a device pointer.
 int32_t scale_rows(const ScaleArgs& a);
 

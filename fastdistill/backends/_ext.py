@@ -13,6 +13,8 @@ from typing import Optional
 
 import torch
 
+from fastdistill.config import FEATURE_KINDS
+
 try:
     from fastdistill import _C  # type: ignore[attr-defined]
     LOAD_ERROR = None
@@ -142,7 +144,8 @@ def distill_args(student, teacher, labels, grad, rows, grad_scale, opts, vocab: 
     return a
 
 
-FEATURE_KIND_CODES = {"mse": 0, "cosine": 1, "normalized_mse": 2}
+# csrc/include/fastdistill/feature.h: enum FeatureKind, the positions in config.FEATURE_KINDS
+FEATURE_KIND_CODES = {k: i for i, k in enumerate(FEATURE_KINDS)}
 
 
 def feature_args(student, teacher, mask, grad, rows, grad_scale, kind: int, *, threads: int = 1,
@@ -195,4 +198,80 @@ def scale_args(grad, factor, *, stream: int = 0):
     a = _C.ScaleArgs()
     a.grad, a.dtype, a.stride = grad.data_ptr(), code, grad.stride(0)
     a.n_rows, a.width, a.factor, a.per_row, a.stream = N, W, factor.data_ptr(), per_row, stream
+    return a
+
+
+INDEX_CODES = {torch.int32: 0, torch.int64: 1}
+TOPK_TAIL_CODES = (0, 1, 2)  # csrc/include/fastdistill/args.h: enum TopkTail
+# csrc/cuda/topk_cuda.cu: the row's bitmask in at most 48 KB of shared memory
+MAX_TOPK_CUDA_VOCAB = (48 << 10) * 8
+
+
+def _index_rows(name: str, x, device: torch.device, n: int, k: int) -> int:
+    _tensor(name, x, device)
+    if x.dtype not in INDEX_CODES:
+        raise TypeError(f"{name} must be int32 or int64, got {x.dtype}")
+    if x.shape != (n, k):
+        raise ValueError(f"{name} must have shape ({n}, {k}), got {tuple(x.shape)}")
+    if k > 1 and x.stride(1) != 1:
+        raise ValueError(f"{name} must have unit stride along its last dimension, got strides "
+                         f"{tuple(x.stride())}")
+    return INDEX_CODES[x.dtype]
+
+
+def topk_args(student, indices, logprobs, labels, grad, rows, grad_scale, work, opts, tail: int,
+              vocab: int, *, cuda: bool = False, threads: int = 1, stream: int = 0):
+    """``_C.TopkArgs`` for a top-k call on 2-D ``student [N, Vs]``, ``indices [N, K]`` int32 /
+    int64, ``logprobs [N, K]`` float; ``labels [N]`` int64 or None; ``grad`` the student's
+    shape and dtype (may be the student) or None; ``rows [N]`` float32; ``work [N, K]`` float32
+    (the CUDA kernels' scratch, needed with a gradient) or None; ``opts`` a KernelOptions
+    (t_mul unused); ``tail`` 0 bucket, 1 none, 2 renormalize."""
+    device = student.device if isinstance(student, torch.Tensor) else None
+    s_code = _rows("student_logits", student, device)
+    N, Vs = student.shape
+    if not isinstance(indices, torch.Tensor) or indices.dim() != 2:
+        raise ValueError("teacher_topk indices must be a 2-D tensor [rows, K]")
+    K = indices.shape[1]
+    if K < 1:
+        raise ValueError("teacher_topk indices must have K >= 1 entries per row")
+    i_code = _index_rows("teacher_topk indices", indices, device, N, K)
+    l_code = _rows("teacher_topk logprobs", logprobs, device)
+    if logprobs.shape != (N, K):
+        raise ValueError(f"teacher_topk logprobs must have shape ({N}, {K}), got "
+                         f"{tuple(logprobs.shape)}")
+    if not 1 <= vocab <= Vs:
+        raise ValueError(f"vocab must be in [1, {Vs}], got {vocab}")
+    if tail not in TOPK_TAIL_CODES:
+        raise ValueError(f"tail must be one of {TOPK_TAIL_CODES}, got {tail}")
+    if cuda and vocab > MAX_TOPK_CUDA_VOCAB:
+        raise ValueError(f"the cuda backend's top-k kernel takes vocabularies of at most "
+                         f"{MAX_TOPK_CUDA_VOCAB} columns (a bitmask of V bits per row in shared "
+                         f"memory), got {vocab}; use backend='triton'")
+    if labels is not None:
+        _vector("labels", labels, device, N, torch.int64)
+    _vector("loss rows", rows, device, N, torch.float32)
+    if grad is not None:
+        _out_rows("grad", grad, student)
+        _scalar("grad_scale", grad_scale, device)
+    if work is not None:
+        _tensor("work", work, device)
+        if work.dtype != torch.float32 or work.shape != (N, K) or not work.is_contiguous():
+            raise ValueError(f"work must be a contiguous float32 tensor of shape ({N}, {K})")
+    elif cuda and grad is not None:
+        raise ValueError("work ([N, K] float32) is needed by the CUDA kernel with a gradient")
+    a = _C.TopkArgs()
+    a.student, a.s_dtype, a.s_stride = student.data_ptr(), s_code, student.stride(0)
+    a.indices, a.i_dtype, a.i_stride = indices.data_ptr(), i_code, indices.stride(0)
+    a.logprobs, a.l_dtype, a.l_stride = logprobs.data_ptr(), l_code, logprobs.stride(0)
+    a.labels = _ptr(labels)
+    a.grad, a.g_stride, a.grad_width = _ptr(grad), grad.stride(0) if grad is not None else 0, Vs
+    a.loss_rows, a.n_rows = rows.data_ptr(), N
+    a.grad_scale = _ptr(grad_scale) if grad is not None else 0
+    a.work = _ptr(work)
+    p = a.params
+    p.divergence, p.beta = opts.divergence, opts.beta
+    p.s_mul, p.h_mul = opts.s_mul, opts.h_mul
+    p.soft_scale, p.hard_weight = opts.soft_scale, opts.hard_weight
+    p.ignore_index, p.vocab, p.k, p.tail = opts.ignore_index, vocab, K, tail
+    a.num_threads, a.stream = threads, stream
     return a

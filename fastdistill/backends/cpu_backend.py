@@ -57,3 +57,17 @@ def feature_forward(student: torch.Tensor, teacher: torch.Tensor, mask: Optional
     args = _ext.feature_args(student, teacher, mask, grad, rows, scale, kind, threads=_threads())
     _ext.check_status(_ext._C.feature_cpu(args), "feature_cpu")
     return rows, grad
+
+
+def topk_forward(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                 labels: Optional[torch.Tensor], opts: KernelOptions, tail: int, vocab: int,
+                 grad_scale: torch.Tensor, need_grad: bool,
+                 grad_out: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The contract of fastdistill.backends.torch_backend.topk_forward."""
+    rows = torch.empty(student.shape[0], dtype=torch.float32)
+    grad = (grad_out if grad_out is not None else new_buffer(student)) if need_grad else None
+    args = _ext.topk_args(student, indices, logprobs, labels, grad, rows, _scale(grad_scale),
+                          None, opts, tail, vocab, threads=_threads())
+    _ext.check_status(_ext._C.topk_cpu(args), "topk_cpu")
+    return rows, grad

@@ -84,3 +84,25 @@ def scale_rows_(grad: torch.Tensor, factor: torch.Tensor) -> None:
         return
     _run(_ext._C.scale_rows_cuda, _ext.scale_args(g2, f, stream=_stream(device)),
          "scale_rows_cuda", device)
+
+
+def topk_forward(student: torch.Tensor, indices: torch.Tensor, logprobs: torch.Tensor,
+                 labels: Optional[torch.Tensor], opts: KernelOptions, tail: int, vocab: int,
+                 grad_scale: torch.Tensor, need_grad: bool,
+                 grad_out: Optional[torch.Tensor] = None
+                 ) -> Tuple[torch.Tensor, Optional[torch.Tensor]]:
+    """The contract of fastdistill.backends.torch_backend.topk_forward (csrc/cuda/topk_cuda.cu:
+    one block per row, the row's bitmask in shared memory, a [N, K] float32 workspace)."""
+    device = _device("student_logits", student)
+    rows = torch.empty(student.shape[0], dtype=torch.float32, device=device)
+    grad = work = None
+    if need_grad:
+        grad = grad_out if grad_out is not None else \
+            torch.empty_like(student, memory_format=torch.contiguous_format)
+        work = torch.empty(indices.shape, dtype=torch.float32, device=device)
+    args = _ext.topk_args(student, indices, logprobs, labels, grad, rows,
+                          _scale(grad_scale, device), work, opts, tail, vocab, cuda=True,
+                          stream=_stream(device))
+    if student.shape[0]:
+        _run(_ext._C.topk_cuda, args, "topk_cuda", device)
+    return rows, grad

@@ -14,3 +14,10 @@ def distill_forward(student, teacher, labels, opts, vocab, grad_scale, need_grad
 def feature_forward(student, teacher, mask, kind, grad_scale, need_grad):
     from fastdistill.kernels import feature
     return feature.feature_forward(student, teacher, mask, kind, grad_scale, need_grad)
+
+
+def topk_forward(student, indices, logprobs, labels, opts, tail, vocab, grad_scale, need_grad,
+                 grad_out=None):
+    from fastdistill.kernels import topk
+    return topk.topk_forward(student, indices, logprobs, labels, opts, tail, vocab, grad_scale,
+                             need_grad, grad_out)

@@ -54,6 +54,10 @@ PRESETS = {
                       V=[32000, 128256, 262144]),
     "gpu-linear": dict(op="linear", device="cuda", dtype="bf16", N=[8192], V=[128256], D=4096),
     "gpu-feature": dict(op="feature", device="cuda", dtype="bf16", N=[8192], D=4096, pairs=4),
+    # stored top-k teachers (K = 8, 64, 256; topk_tail="bucket") against the dense teacher:
+    # time, peak extra memory and the teacher's bytes on disk per token
+    "cpu-topk": dict(op="topk", device="cpu", dtype="fp32", N=[2048], V=[32768]),
+    "gpu-topk": dict(op="topk", device="cuda", dtype="bf16", N=[8192], V=[128256]),
 }
 
 
@@ -169,6 +173,8 @@ def main(argv=None) -> int:
             else:
                 r = run_point(spec)
             r.update(provider=prov, N=n, V=v)
+            if cfg["op"] == "topk":
+                r["disk_bytes_per_token"] = cases.disk_bytes_per_token(spec)
             add_prediction(r, model, cfg)
             rows.append(r)
             add_floor_ratios(rows)  # the floor runs first at each size: known when written
@@ -178,6 +184,8 @@ def main(argv=None) -> int:
                                      f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB extra")
             if r.get("vs_gemm_floor") and prov != "gemm-floor":
                 msg += f"  ({r['vs_gemm_floor']:.3f}x the GEMM floor)"
+            if "disk_bytes_per_token" in r and "error" not in r:
+                msg += f"  {r['disk_bytes_per_token']:8.0f} B/token on disk"
             if r.get("predicted_ms"):
                 msg += f"  (predicted {r['predicted_ms']:.2f} ms)"
             print(f"{msg}  ({time.time() - t_start:.0f}s)", flush=True)
@@ -225,10 +233,11 @@ def add_floor_ratios(rows) -> None:
 
 
 def format_table(rows, ceiling, cfg) -> str:
-    base = {(r["N"], r["V"]): r for r in rows if r["provider"] == "torch-eager" and "error" not in r}
+    ref = "fastdistill-dense" if cfg["op"] == "topk" else "torch-eager"
+    base = {(r["N"], r["V"]): r for r in rows if r["provider"] == ref and "error" not in r}
     lin = cfg["op"] == "linear"
     add_floor_ratios(rows)
-    lines = ["| provider | N | V | time (ms) | peak extra (MiB) | achieved | vs torch-eager "
+    lines = [f"| provider | N | V | time (ms) | peak extra (MiB) | achieved | vs {ref} "
              "time / memory | predicted (ms) |" + (" vs GEMM floor |" if lin else ""),
              "| --- | --- | --- | --- | --- | --- | --- | --- |" + (" --- |" if lin else "")]
     for r in rows:
@@ -253,12 +262,21 @@ def format_table(rows, ceiling, cfg) -> str:
         lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | {t * 1e3:.2f} | "
                      f"{r['peak_extra_bytes'] / 2**20:.1f} | {ach} | {rel} | {pred} |"
                      + (floor if lin else ""))
+    if cfg["op"] == "topk":  # the stored teacher's size, next to the loss's cost
+        lines[0] += " teacher on disk (B/token) |"
+        lines[1] += " --- |"
+        for i, r in enumerate(rows, 2):
+            lines[i] += f" {r.get('disk_bytes_per_token', 0):.0f} |"
     return "\n".join(lines)
 
 
 CSV_KEYS = ["op", "provider", "divergence", "dtype", "N", "V", "D", "hard_weight", "time_s",
             "peak_extra_bytes", "bytes_moved", "flops", "predicted_ms",
+<<<<<<< HEAD
             "measured_over_predicted", "vs_gemm_floor", "error"]
+=======
+            "measured_over_predicted", "error", "disk_bytes_per_token"]
+>>>>>>> main
 
 
 def start_csv(f, env, cfg, ceiling):

@@ -355,6 +355,38 @@ def _linear_chunked_workload(dtype, divergence, variant):
 CHUNKED_LABELS = {"distill_kernel": ("distill", "fp32")}
 
 
+# sparse (top-k) teachers at the bench preset's K: (dtype, divergence, tail)
+TOPK_K = 64
+TOPK_CASES = (("bf16", "forward_kl", "bucket"), ("fp32", "forward_kl", "bucket"),
+              ("bf16", "jsd", "none"), ("bf16", "reverse_kl", "renormalize"))
+
+
+def _topk_workload(dtype, divergence, tail, variant):
+    """The triton backend's topk_forward (fastdistill/kernels/topk.py) with the teacher as
+    K = TOPK_K (index, bf16 logprob) pairs per row."""
+    import torch
+    from fastdistill import backends
+    from fastdistill.config import TOPK_TAILS, DistillConfig
+    s = torch.empty(N_BENCH, V_BENCH, dtype=_torch_dtype(dtype), device="meta")
+    idx = torch.empty(N_BENCH, TOPK_K, dtype=torch.int32, device="meta")
+    lp = torch.empty(N_BENCH, TOPK_K, dtype=torch.bfloat16, device="meta")
+    labels = torch.empty(N_BENCH, dtype=torch.int64, device="meta")
+    kw = VARIANTS[variant]
+    opts = DistillConfig(divergence=divergence, beta=0.5, temperature=kw["temperature"],
+                         hard_weight=kw["hard_weight"]).kernel_options()
+    scale = torch.empty((), dtype=torch.float32, device="meta")
+    backends.get("triton").topk_forward(s, idx, lp, labels, opts, TOPK_TAILS.index(tail),
+                                        V_BENCH, scale, True)
+
+
+def _extract_workload(dtype):
+    """The fused temperature-softmax + top-k of fastdistill.offline (K = TOPK_K)."""
+    import torch
+    from fastdistill.kernels.topk import extract_topk_rows
+    z = torch.empty(N_BENCH, V_BENCH, dtype=_torch_dtype(dtype), device="meta")
+    extract_topk_rows(z, TOPK_K, 1.0)
+
+
 @dataclass
 class Workload:
     op: str                 # distill, feature, scale, linear
@@ -373,7 +405,8 @@ FEATURE_KINDS = ("mse", "cosine", "normalized_mse")
 LINEAR_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "symmetric_kl")
 
 
-def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear"),
+def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear", "topk",
+                                       "extract"),
               variants: Tuple[str, ...] = ("bench", "hard")) -> List[Workload]:
     from fastdistill.divergences import DIVERGENCE_CODES
     out = []
@@ -391,6 +424,16 @@ def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear"),
                                         lambda d=dtype, c=code, n=D: _feature_workload(d, c, n)))
         if "scale" in ops:
             out.append(Workload("scale", dtype, "-", "bench", lambda d=dtype: _scale_workload(d)))
+    if "topk" in ops:  # the divergence label carries the tail: "forward_kl:bucket"
+        for dtype, div, tail in TOPK_CASES:
+            for var in variants:
+                out.append(Workload("topk", dtype, f"{div}:{tail}", var,
+                                    lambda d=dtype, v=div, t=tail, w=var:
+                                    _topk_workload(d, v, t, w)))
+    if "extract" in ops:
+        for dtype in DTYPES:
+            out.append(Workload("extract", dtype, "-", "bench",
+                                lambda d=dtype: _extract_workload(d)))
     if "linear" in ops:  # 16-bit inputs: the tensor-core path of the gpu-linear preset
         for div in LINEAR_DIVERGENCES:
             for var in variants:

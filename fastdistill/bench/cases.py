@@ -294,11 +294,93 @@ def _build_feature(spec):
     return run, reset, grad_bytes, P * N * D * 3 * e, 0.0
 
 
+# ---- sparse (top-k) teachers against the dense one -----------------------------------------------
+
+TOPK_KS = (8, 64, 256)
+
+
+def topk_providers(device: str) -> List[str]:
+    """The dense teacher, then stored top-k teachers of each K (topk_tail="bucket"), and the
+    usual hand-written sparse loss (TRL's server-distillation formulation) at K = 64."""
+    return (["fastdistill-dense"] + [f"fastdistill-topk{k}" for k in TOPK_KS]
+            + ["torch-topk64"])
+
+
+def naive_topk(s, idx, lp, labels, temperature=1.0):
+    """Forward KL with a tail bucket as trainers write it: the full float32 log_softmax, a
+    gather, the tail as log(1 - sum exp) on both sides."""
+    lq = torch.log_softmax(s.float() / temperature, -1).gather(-1, idx.long())
+    lpf = lp.float()
+
+    def tail(x):
+        ls = torch.logsumexp(x, -1, keepdim=True).clamp(max=-1e-7)
+        return torch.cat([x, torch.log(-torch.expm1(ls))], -1)
+
+    lq, lpf = tail(lq), tail(lpf)
+    return (lpf.exp() * (lpf - lq)).sum(-1).mean()
+
+
+def _topk_k(provider: str) -> int:
+    return int(provider.split("topk")[1])
+
+
+def disk_bytes_per_token(spec: dict) -> float:
+    """Bytes per token of the stored teacher: the dense logits in bf16 (V x 2), or the top-k as
+    fastdistill.offline stores it (K x (4-byte index + 2-byte bf16 logprob) + the 4-byte input
+    id; the per-sequence offsets and the shard header add well under a byte)."""
+    p = spec["provider"]
+    if "topk" in p:
+        return 6.0 * _topk_k(p) + 4.0
+    return 2.0 * spec["V"]
+
+
+def _build_topk(spec):
+    dev, dt = spec["device"], DTYPES[spec["dtype"]]
+    N, V = spec["N"], spec["V"]
+    T = spec.get("temperature", 1.0)
+    g = torch.Generator(device=dev).manual_seed(0)
+    s = (torch.randn(N, V, device=dev, generator=g) * 2).to(dt).requires_grad_()
+    t = (torch.randn(N, V, device=dev, generator=g) * 2).to(dt)
+    labels = torch.randint(0, V, (N,), device=dev, generator=g)
+    p = spec["provider"]
+    kw = dict(temperature=T, hard_weight=spec.get("hard_weight", 0.0))
+    e = s.element_size()
+    if p == "fastdistill-dense":
+        def fn():
+            return fd.distill_loss(s, t, labels, **kw)
+        moved = N * V * (2 * 2 * e + e)
+    elif p.startswith("fastdistill-topk") or p.startswith("torch-topk"):
+        K = _topk_k(p)
+        from fastdistill.offline import topk_logprobs
+        idx, lp = topk_logprobs(t, K, T)  # the stored teacher, made once
+        lp = lp.to(torch.bfloat16)
+        del t
+        if p.startswith("fastdistill"):
+            def fn():
+                return fd.distill_loss(s, None, labels, teacher_topk=(idx, lp),
+                                       topk_tail=spec.get("topk_tail", "bucket"), **kw)
+        else:
+            def fn():
+                return naive_topk(s, idx, lp, labels, T)
+        moved = N * V * (2 * e + e) + N * K * 6
+    else:
+        raise ValueError(f"unknown provider {p!r} for op topk")
+
+    def run():
+        fn().backward()
+
+    def reset():
+        s.grad = None
+
+    return run, reset, N * V * e, moved, 0.0
+
+
 BUILDERS: Dict[str, Callable] = {"distill": _build_distill, "linear": _build_linear,
-                                 "feature": _build_feature}
+                                 "feature": _build_feature, "topk": _build_topk}
 PROVIDERS: Dict[str, Callable[[str], List[str]]] = {"distill": distill_providers,
                                                     "linear": linear_providers,
-                                                    "feature": feature_providers}
+                                                    "feature": feature_providers,
+                                                    "topk": topk_providers}
 
 
 def build(spec: dict):

@@ -1,10 +1,11 @@
 """Timing and peak-memory measurement of one provider on one problem.
 
 CPU: every (provider, size) runs in a fresh child process (``python -m fastdistill.bench.child``)
-so allocator state does not carry over; the first run gives the peak resident memory
-(``ru_maxrss``) above the resident size measured after the inputs were created, the next runs
-give the median wall time. GPU: in-process, CUDA-event timing through triton.testing.do_bench
-and ``torch.cuda.max_memory_allocated`` above the memory held after the inputs were created.
+so allocator state does not carry over; after a warm-up run the child resets its peak-RSS mark
+(/proc/self/clear_refs), and the first timed run's peak resident size (VmHWM) above the resident
+size before it is the peak memory; the median of the timed runs is the time. GPU: in-process,
+CUDA-event timing through triton.testing.do_bench and ``torch.cuda.max_memory_allocated`` above
+the memory held after the inputs were created.
 
 "Peak extra memory" excludes the inputs and the student gradient (an output every provider must
 produce): peak - baseline - gradient bytes.
@@ -14,37 +15,11 @@ from __future__ import annotations
 
 import json
 import os
-import resource
 import statistics
 import subprocess
 import sys
 import time
 from typing import Dict
-
-
-def rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
-
-
-def peak_rss_bytes() -> int:
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-
-
-def measure_cpu_inprocess(run, grad_bytes: int, repeats: int) -> Dict[str, float]:
-    """Called inside the child: `run()` performs forward + backward once."""
-    base = rss_bytes()
-    t0 = time.perf_counter()
-    run()
-    first = time.perf_counter() - t0
-    peak = peak_rss_bytes()
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        run()
-        times.append(time.perf_counter() - t0)
-    return {"time_s": statistics.median(times) if times else first, "first_s": first,
-            "peak_extra_bytes": max(0, peak - base - grad_bytes)}
 
 
 def measure_cpu(spec: dict, timeout: float = 1800.0) -> Dict[str, float]:

@@ -255,11 +255,18 @@ def _info(cfg: S.CFG, loop: Optional[S.Loop], depth: int) -> LoopInfo:
                     c.store_bits, c.widest_load, c.mma, depth)
 
 
+# kernels of sparse (top-k) teachers: their passes over the vocabulary read 128 bits at a time
+# (the student's tiles, or the logits for the extraction); their other loops run over the K
+# indices of a row or over the rows of a persistent program
+SPARSE_OPS = ("topk", "extract")
+
+
 def stream_bytes_per_elem(op: str, dtype: str) -> int:
     """Bytes a streaming pass reads per element, by construction: the student and the teacher
-    (logits or features, same dtype in the presets); the scale kernel reads the gradient."""
+    (logits or features, same dtype in the presets); the scale kernel reads the gradient, the
+    sparse-teacher kernels the student (or the logits) only."""
     e = ESIZE[dtype]
-    return e if op == "scale" else 2 * e
+    return e if op in ("scale",) + SPARSE_OPS else 2 * e
 
 
 def _tile(rec) -> int:
@@ -300,6 +307,9 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
             info.kind = "tile"
         elif info.load_bits and op != "linear":
             info.kind = "stream"
+            if op in SPARSE_OPS and S.global_load_width(
+                    S.Instr(0, info.widest_load, None, info.widest_load)) < 128:
+                info.kind = "other"  # a loop over the K indices (gathers) or over rows
         else:
             info.kind = "other"          # zero-fill of ignored rows, split merges, ...
         if info.kind == "stream":
@@ -310,7 +320,9 @@ def analyse(rec: Dict[str, Any], m: Machine = H200, threads: Optional[int] = Non
                 else info.elems_from_loads
         loops.append(info)
     body_elems = 0.0
-    if not any(lp.kind in ("stream", "tile") for lp in loops):
+    if op in SPARSE_OPS and not any(lp.kind == "stream" for lp in loops):
+        pass  # no pass over the vocabulary (renormalize without a hard loss): nothing per element
+    elif not any(lp.kind in ("stream", "tile") for lp in loops):
         tile = _tile(rec)
         if rec["backend"] == "triton" and tile:
             body_elems = tile / threads
@@ -359,6 +371,10 @@ def cuda_records(arch: int) -> List[Dict[str, Any]]:
             m = re.search(r"feature_kernelILi(\d)ELb([01])E", f)
             rec = dict(r, kernel="feature_kernel", op="feature", dtype=_DT[int(m.group(1))],
                        divergence="mse", variant="onetile" if m.group(2) == "1" else "tiled")
+        elif re.search(r"topk_kernelILi(\d)E", f):
+            m = re.search(r"topk_kernelILi(\d)E", f)
+            rec = dict(r, kernel="topk_kernel", op="topk", dtype=_DT[int(m.group(1))],
+                       divergence="-", variant="bench")
         elif re.search(r"scale_rows_kernelILi(\d)E", f):
             m = re.search(r"scale_rows_kernelILi(\d)E", f)
             rec = dict(r, kernel="scale_rows_kernel", op="scale", dtype=_DT[int(m.group(1))],

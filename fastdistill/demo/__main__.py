@@ -3,10 +3,13 @@
 On built-in data only (the Python standard library's own sources, no download):
   1. trains a byte-level BPE tokenizer on the fly,
   2. trains a small teacher transformer language model briefly,
-  3. trains two identical small students for the same number of steps and the same batches:
+  3. trains identical small students for the same number of steps and the same batches:
      one on hard labels only (cross-entropy), one with fd.linear_distill_loss (soft targets
      from the teacher + hard labels, straight from the hidden states: no logits materialised),
-  4. reports held-out validation loss (cross-entropy on the next token) of all three, a plot of
+     and one offline: the teacher's top-k distributions of those batches are extracted once
+     to disk (fd.offline.extract_topk) and the student learns from the stored top-k
+     (teacher_topk=, topk_tail="bucket") without the teacher in the loop,
+  4. reports held-out validation loss (cross-entropy on the next token) of all of them, a plot of
      the validation curves, the time and peak memory of the loss against the naive one at this
      vocabulary, and the parameter counts and generation speed of teacher and student.
 
@@ -18,11 +21,13 @@ from __future__ import annotations
 import argparse
 import math
 import os
+import shutil
 import sys
 import time
 
 import torch
 import torch.nn.functional as F
+from tqdm import tqdm
 
 import fastdistill as fd
 from fastdistill.demo.bpe import BPE
@@ -60,29 +65,6 @@ def batch(data: torch.Tensor, B: int, T: int, gen: torch.Generator, device):
     return x.to(device), y.to(device)
 
 
-class Progress:
-    """A one-line progress bar on stderr."""
-
-    def __init__(self, total: int, desc: str):
-        self.total, self.desc, self.t0, self.n = total, desc, time.time(), 0
-        self.shown = 0.0
-
-    def update(self, **info):
-        self.n += 1
-        now = time.time()
-        if now - self.shown < 0.5 and self.n != self.total:
-            return
-        self.shown = now
-        done = int(30 * self.n / self.total)
-        rate = self.n / max(time.time() - self.t0, 1e-9)
-        extra = " ".join(f"{k} {v:.3f}" for k, v in info.items())
-        sys.stderr.write(f"\r{self.desc:22s} [{'#' * done}{'.' * (30 - done)}] "
-                         f"{self.n}/{self.total} {rate:5.1f} it/s {extra}   ")
-        if self.n == self.total:
-            sys.stderr.write("\n")
-        sys.stderr.flush()
-
-
 # ---- training -------------------------------------------------------------------------------------
 
 @torch.no_grad()
@@ -107,7 +89,8 @@ def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn, cu
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=0.01, betas=(0.9, 0.95))
     gen = torch.Generator().manual_seed(42)  # both students see the same batches
     want_curve, points = curve, []
-    bar = Progress(steps, desc)
+    # a bar on a terminal; nothing when the output is a log file (disable=None)
+    bar = tqdm(total=steps, desc=desc, disable=None, dynamic_ncols=True)
     for step in range(steps):
         for group in opt.param_groups:
             group["lr"] = lr_at(step, steps, lr)
@@ -119,7 +102,9 @@ def train(model, train_data, val_data, cfg, device, steps, lr, desc, loss_fn, cu
         opt.step()
         if want_curve and ((step + 1) % cfg.eval_every == 0 or step + 1 == steps):
             points.append((step + 1, val_loss(model, val_data, cfg, device)))
-        bar.update(loss=loss.item())
+        bar.set_postfix(loss=f"{loss.item():.3f}", refresh=False)
+        bar.update()
+    bar.close()
     return points
 
 
@@ -134,6 +119,32 @@ def distill_loss_fn(teacher, cfg):
             h_t = teacher(x)
         return fd.linear_distill_loss(model(x), model.lm_head_weight, h_t,
                                       teacher.lm_head_weight, y, divergence=cfg.divergence,
+                                      temperature=cfg.temperature, t2_scale=True,
+                                      soft_weight=cfg.soft_weight,
+                                      hard_weight=1.0 - cfg.soft_weight)
+    return fn
+
+
+def student_batches(train_data, cfg, device, steps):
+    """The students' batches, in training order (train() draws them with the same seed)."""
+    gen = torch.Generator().manual_seed(42)
+    for _ in range(steps):
+        yield batch(train_data, cfg.batch, cfg.context, gen, device)[0]
+
+
+def offline_loss_fn(topk_dir, cfg):
+    """The loss of the student trained from stored top-k: the stored batches come back in the
+    order they were extracted, i.e. aligned with the training batches."""
+    stored = fd.offline.iter_batches(topk_dir, cfg.batch)
+
+    def fn(model, x, y):
+        b = next(stored)
+        if not torch.equal(b["input_ids"], x.cpu()):
+            raise RuntimeError("stored top-k batches are out of step with the training batches")
+        return fd.linear_distill_loss(model(x), model.lm_head_weight, None, None, y,
+                                      teacher_topk=(b["indices"].to(x.device),
+                                                    b["logprobs"].to(x.device)),
+                                      topk_tail="bucket", divergence=cfg.divergence,
                                       temperature=cfg.temperature, t2_scale=True,
                                       soft_weight=cfg.soft_weight,
                                       hard_weight=1.0 - cfg.soft_weight)
@@ -210,6 +221,8 @@ def parse(argv):
     ap.add_argument("--divergence", default="forward_kl")
     ap.add_argument("--temperature", type=float, default=1.0)
     ap.add_argument("--soft-weight", type=float, default=0.7)
+    ap.add_argument("--topk", type=int, default=32,
+                    help="entries per token of the stored teacher (offline student)")
     ap.add_argument("--seed", type=int, default=0)
     return ap.parse_args(argv)
 
@@ -240,8 +253,18 @@ def main(argv=None) -> int:
         p.requires_grad_(False)
     teacher_val = val_loss(teacher, val_ids, cfg, device)
 
+    # the teacher's top-k distributions of the students' batches, once, to disk
+    topk_dir = os.path.join(cfg.out, "teacher_topk")
+    shutil.rmtree(topk_dir, ignore_errors=True)  # a fresh teacher: nothing to resume
+    stored = fd.offline.extract_topk(lambda ids: teacher.logits(ids),
+                                     student_batches(train_ids, cfg, device, cfg.student_steps),
+                                     cfg.topk, cfg.temperature, topk_dir, tokenizer=tok,
+                                     shard_tokens=1 << 16, progress=False)
+
     curves, students = {}, {}
-    for name, fn in (("hard-label", hard_label_loss), ("distilled", distill_loss_fn(teacher, cfg))):
+    runs = (("hard-label", hard_label_loss), ("distilled", distill_loss_fn(teacher, cfg)),
+            (f"offline top-{cfg.topk}", offline_loss_fn(topk_dir, cfg)))
+    for name, fn in runs:
         torch.manual_seed(cfg.seed + 1)  # identical initial students
         student = TinyLM(V, 96, 2, 4, cfg.context).to(device)
         curves[name] = train(student, train_ids, val_ids, cfg, device, cfg.student_steps, 3e-3,
@@ -260,8 +283,13 @@ def main(argv=None) -> int:
     t_tok, t_sample = tokens_per_second(teacher, tok, device)
     s_tok, s_sample = tokens_per_second(students["distilled"], tok, device)
 
-    print(f"distilled: val_loss={final['distilled']:.4f} hard-label: "
-          f"val_loss={final['hard-label']:.4f} teacher: val_loss={teacher_val:.4f}")
+    off = f"offline top-{cfg.topk}"
+    print(f"distilled: val_loss={final['distilled']:.4f} {off.replace(' ', '-')}: "
+          f"val_loss={final[off]:.4f} hard-label: val_loss={final['hard-label']:.4f} teacher: "
+          f"val_loss={teacher_val:.4f}")
+    print(f"stored teacher: {stored['tokens']} tokens, {stored['bytes'] / 2**20:.1f} MiB, "
+          f"{stored['bytes_per_token']:.0f} bytes/token (dense bf16 logits: {2 * V}), extracted "
+          f"in {stored['seconds']:.1f}s")
     print(f"plot: {path}")
     ours, naive = cost["fastdistill-chunked"], cost["torch-eager"]
     if "error" not in ours and "error" not in naive:

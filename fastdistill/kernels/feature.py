@@ -15,11 +15,12 @@ import torch
 import triton
 import triton.language as tl
 
+from fastdistill.config import FEATURE_KINDS
 from fastdistill.kernels import interpreting
 
-MSE = tl.constexpr(0)
-COSINE = tl.constexpr(1)
-NORM = tl.constexpr(2)
+# feature kinds: their positions in fastdistill.config.FEATURE_KINDS
+MSE, COSINE, NORM = (tl.constexpr(FEATURE_KINDS.index(k))
+                     for k in ("mse", "cosine", "normalized_mse"))
 COS_EPS = tl.constexpr(1e-8)
 LN_EPS = tl.constexpr(1e-5)
 ONE_TILE_MAX = 8192

@@ -12,6 +12,7 @@ extern "C" {
 int32_t emu_distill(const fd::DistillArgs* a) { return fd::cuda::distill_rows(*a); }
 int32_t emu_feature(const fd::FeatureArgs* a) { return fd::cuda::feature_rows(*a); }
 int32_t emu_scale(const fd::ScaleArgs* a) { return fd::cuda::scale_rows(*a); }
+int32_t emu_topk(const fd::TopkArgs* a) { return fd::cuda::topk_rows(*a); }
 const char* emu_last_error() { return fd::cuda::last_error(); }
 
 // sizeof of each struct, so that the ctypes mirrors can be checked against the C++ layout

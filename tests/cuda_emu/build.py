@@ -76,7 +76,7 @@ def build() -> str:
 
 def load() -> ctypes.CDLL:
     lib = ctypes.CDLL(build())
-    for fn in (lib.emu_distill, lib.emu_feature, lib.emu_scale):
+    for fn in (lib.emu_distill, lib.emu_feature, lib.emu_scale, lib.emu_topk):
         fn.argtypes = [ctypes.c_void_p]  # the address of an argument struct (args.h)
         fn.restype = ctypes.c_int32
     lib.emu_last_error.restype = ctypes.c_char_p

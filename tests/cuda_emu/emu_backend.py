@@ -58,3 +58,17 @@ def scale_rows_(grad, factor):
     f = factor.to(dtype=torch.float32).contiguous()
     if g2.numel():
         _run(lib().emu_scale, _ext.scale_args(g2, f), "scale_rows")
+
+
+def topk_forward(student, indices, logprobs, labels, opts, tail, vocab, grad_scale, need_grad,
+                 grad_out=None):
+    rows = torch.full((student.shape[0],), -1.0)
+    grad = work = None
+    if need_grad:
+        grad = grad_out if grad_out is not None else torch.full_like(student, 7.0)
+        work = torch.full(indices.shape, 5.0)
+    args = _ext.topk_args(student, indices, logprobs, labels, grad, rows, _scale(grad_scale),
+                          work, opts, tail, vocab, cuda=True)
+    if student.shape[0]:
+        _run(lib().emu_topk, args, "topk_rows")
+    return rows, grad

@@ -86,4 +86,54 @@ struct ScaleArgs {
   void* stream = nullptr;
 };
 
+// ---- sparse (top-k) teachers (fastdistill/topk.py; the math in topk.h) --------------------------
+
+enum IndexType : int32_t { kInt32 = 0, kInt64 = 1 };
+enum TopkTail : int32_t { kTailBucket = 0, kTailNone = 1, kTailRenormalize = 2 };
+
+// Options of a top-k call, identical for every row. With z_s a row's student logits,
+// a = s_mul z_s (logit scale / T), CE on h_mul z_s; the teacher's log-probabilities are used as
+// given; loss = soft_scale * D_tail(P, Q) + hard_weight * CE.
+struct TopkParams {
+  int32_t divergence = 0;   // divergence code (fastdistill/divergences.py)
+  float beta = 0.5f;        // jsd / skew_* mixing weight; symmetric_kl's ratio
+  float s_mul = 1.0f;
+  float h_mul = 1.0f;
+  float soft_scale = 1.0f;
+  float hard_weight = 0.0f;
+  int64_t ignore_index = -100;
+  int64_t vocab = 0;        // V: columns [0, V) are real, indices must lie in [0, V)
+  int64_t k = 0;            // entries per row
+  int32_t tail = kTailBucket;
+};
+
+// Top-k distillation over n_rows rows:
+//   loss_rows[r] = the row loss (0 for ignored rows; NaN for a row with an index outside [0, V)
+//                  or a repeated index, whose gradient is then 0),
+//   grad[r, :]   = *grad_scale * d loss_rows[r] / d student[r, :]   (grad == nullptr: loss only)
+// grad may alias the student. work: float32 [n_rows, k] scratch for the gradient at the indices
+// (the CUDA kernels; the host kernels keep it per thread and accept nullptr).
+struct TopkArgs {
+  const void* student = nullptr;
+  int32_t s_dtype = kFloat32;
+  int64_t s_stride = 0;
+  const void* indices = nullptr;
+  int32_t i_dtype = kInt64;
+  int64_t i_stride = 0;
+  const void* logprobs = nullptr;
+  int32_t l_dtype = kFloat32;
+  int64_t l_stride = 0;
+  const int64_t* labels = nullptr;
+  void* grad = nullptr;
+  int64_t g_stride = 0;
+  int64_t grad_width = 0;
+  float* loss_rows = nullptr;
+  const float* grad_scale = nullptr;
+  float* work = nullptr;
+  int64_t n_rows = 0;
+  TopkParams params;
+  int32_t num_threads = 1;
+  void* stream = nullptr;
+};
+
 }  // namespace fastdistill

@@ -23,6 +23,10 @@
 
 #include "fastdistill/dtype.h"
 
+// kernels that need a construct the emulation spells differently (dynamic shared memory) test
+// this
+#define FD_CUDA_EMU 1
+
 #define __global__
 #define __device__
 #define __host__
@@ -145,6 +149,24 @@ inline void trampoline() {
 
 inline void __syncthreads() { emu::block->bar.wait("__syncthreads"); }
 
+// fibers of a block run on one OS thread and switch only at barriers: a read-modify-write is
+// atomic
+inline unsigned atomicOr(unsigned* p, unsigned v) {
+  const unsigned old = *p;
+  *p = old | v;
+  return old;
+}
+
+namespace emu {
+// the dynamic shared memory of the running block (`extern __shared__ T name[]` in CUDA):
+// launch's shmem bytes, filled with a pattern rather than zeros, as the GPU gives no zeros
+inline thread_local std::vector<uint64_t> dyn_smem;
+template <typename T>
+inline T* dynamic_shared() {
+  return reinterpret_cast<T*>(dyn_smem.data());
+}
+}  // namespace emu
+
 template <typename T>
 inline T __shfl_down_sync(unsigned, T v, int off) {
   static_assert(sizeof(T) <= 8, "one slot per lane");
@@ -161,7 +183,7 @@ inline T __shfl_down_sync(unsigned, T v, int off) {
 // kernel<<<grid, block, shmem, stream>>>(args) becomes emu_launch(grid, block, shmem, stream,
 // [&] { kernel(args); }) (tests/cuda_emu/build.py rewrites the launches).
 template <typename F>
-inline void emu_launch(dim3 grid, dim3 block, size_t, cudaStream_t, F&& body) {
+inline void emu_launch(dim3 grid, dim3 block, size_t shmem, cudaStream_t, F&& body) {
   if (block.x == 0 || block.x > 1024 || block.x % 32 != 0 || block.y != 1 || block.z != 1 ||
       grid.x == 0 || grid.y == 0 || grid.y > 65535 || grid.z != 1) {
     // the kernels only launch whole warps; CUDA itself would accept other block sizes, but
@@ -176,6 +198,7 @@ inline void emu_launch(dim3 grid, dim3 block, size_t, cudaStream_t, F&& body) {
   emu::body_arg = &body;
   for (unsigned by = 0; by < grid.y; ++by) {
     for (unsigned bx = 0; bx < grid.x; ++bx) {
+      emu::dyn_smem.assign((shmem + 7) / 8, 0xa5a5a5a5a5a5a5a5ull);
       emu::Block ctx(int(block.x));
       blockIdx = dim3(bx, by);
       blockDim = block;
