@@ -272,11 +272,7 @@ def format_table(rows, ceiling, cfg) -> str:
 
 CSV_KEYS = ["op", "provider", "divergence", "dtype", "N", "V", "D", "hard_weight", "time_s",
             "peak_extra_bytes", "bytes_moved", "flops", "predicted_ms",
-<<<<<<< HEAD
-            "measured_over_predicted", "vs_gemm_floor", "error"]
-=======
-            "measured_over_predicted", "error", "disk_bytes_per_token"]
->>>>>>> main
+            "measured_over_predicted", "vs_gemm_floor", "error", "disk_bytes_per_token"]
 
 
 def start_csv(f, env, cfg, ceiling):
