@@ -91,3 +91,28 @@ def test_gemm_floor_provider_runs_the_four_gemms():
     run()
     reset()
     assert flops == 2.0 * 16 * 64 * (3 * 8 + 12) and grad_bytes == (16 * 8 + 64 * 8) * 4
+
+
+def test_interleaved_runs_keep_each_providers_best_time(tmp_path, monkeypatch):
+    """--interleave: every provider built in this process, run in turn, best time kept."""
+    from fastdistill.bench import cases
+    calls = []
+
+    def fake_build(spec):
+        def run():
+            calls.append(spec["provider"])
+        return run, lambda: None, 0, 1, 2.0
+
+    monkeypatch.setattr(cases, "build", fake_build)
+    monkeypatch.setattr(bench.measure, "copy_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(bench, "run_point", lambda spec: (_ for _ in ()).throw(AssertionError))
+    out = tmp_path / "out"
+    rc = bench.main(["--op", "linear", "--device", "cpu", "--N", "8", "--V", "16", "--D", "4",
+                     "--providers", "gemm-floor", "fastdistill-chunked", "--interleave", "3",
+                     "--clock", "cpu", "--out", str(out), "--no-plot"])
+    assert rc == 0
+    # one warm-up each, then three rounds in turn
+    assert calls == ["gemm-floor", "fastdistill-chunked"] * 4
+    rows = _rows(out / "results.csv")
+    assert [r["provider"] for r in rows] == ["gemm-floor", "fastdistill-chunked"]
+    assert all(float(r["time_s"]) >= 0 and r["vs_gemm_floor"] for r in rows)

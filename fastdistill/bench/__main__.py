@@ -107,6 +107,14 @@ def parse(argv=None):
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: points not started by then are skipped (and reported so)")
+    ap.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                    help="CPU, for shared machines: at each size run every provider in this "
+                         "process, one after another, ROUNDS times, and keep each one's best "
+                         "time (no memory measurement): providers see the same load")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="with --interleave: wall time, or this process's CPU time (all its "
+                         "threads; time other jobs take from the cores is not counted)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = ap.parse_args(argv)
     cfg = dict(op="distill", device="auto", dtype=None, N=None, V=None, D=None, pairs=None,
                providers=None, divergence="forward_kl", hard_weight=0.0, soft_weight=1.0)
@@ -158,6 +166,17 @@ def main(argv=None) -> int:
     points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
     model = load_model(args.predicted)
     rows = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    interleaved = {}
+    if args.interleave:
+        for n, v in sizes:
+            interleaved.update(run_interleaved(
+                [dict(op=cfg["op"], provider=p, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
+                      pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
+                      divergence=cfg["divergence"], temperature=args.temperature,
+                      hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"])
+                 for p in cfg["providers"]], args.interleave, args.clock))
     t_start = time.time()
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as out:
         writer = start_csv(out, env, cfg, ceiling)
@@ -168,7 +187,9 @@ def main(argv=None) -> int:
                         hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
                         repeats=args.repeats)
             print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
-            if args.budget is not None and time.time() - t_start > args.budget:
+            if args.interleave:
+                r = dict(interleaved[(prov, n, v)])
+            elif args.budget is not None and time.time() - t_start > args.budget:
                 r = {"error": f"skipped: time budget of {args.budget:.0f}s spent"}
             else:
                 r = run_point(spec)
@@ -196,6 +217,34 @@ def main(argv=None) -> int:
         for path in plot(rows, env, cfg, args.out):
             print(f"plot: {path}")
     return 0
+
+
+def run_interleaved(specs, rounds, clock="wall"):
+    """{(provider, N, V): result}: every spec built in this process and warmed up once, then
+    `rounds` rounds of one run each, in turn; each provider's best time (wall or this process's
+    CPU time)."""
+    tick = time.process_time if clock == "cpu" else time.perf_counter
+    built, out = [], {}
+    for spec in specs:
+        key = (spec["provider"], spec["N"], spec["V"])
+        try:
+            run, reset, grad_bytes, moved, flops = cases.build(spec)
+            run()
+            reset()
+            built.append((key, run, reset, moved, flops))
+        except Exception as e:  # one failing provider must not stop the others
+            out[key] = {"error": f"{type(e).__name__}: {e}"}
+    best = {key: float("inf") for key, *_ in built}
+    for _ in range(rounds):
+        for key, run, reset, _, _ in built:
+            t0 = tick()
+            run()
+            best[key] = min(best[key], tick() - t0)
+            reset()
+    for key, _, _, moved, flops in built:
+        out[key] = {"time_s": best[key], "peak_extra_bytes": 0, "bytes_moved": moved,
+                    "flops": flops}
+    return out
 
 
 def load_model(path):
