@@ -203,7 +203,7 @@ step_test() {
   DETAIL_RE="passed|failed|error|skipped" run_item test "${groups[1]}" 100 \
     "${pyt[@]}" "${xdist[@]}" -k "not cuda" tests/test_gpu_backends.py
   DETAIL_RE="passed|failed|error|skipped" run_item test "${groups[2]}" 90 \
-    "${pyt[@]}" "${xdist[@]}" tests/test_linear_gpu.py
+    "${pyt[@]}" "${xdist[@]}" tests/test_linear.py
 }
 
 step_bench() {

@@ -9,7 +9,7 @@ import pytest
 pytest.importorskip("triton", reason="triton not installed")
 
 KERNELS = {"distill_kernel", "distill_row_kernel", "feature_kernel", "scale_rows_kernel",
-           "linear_stats_kernel", "linear_grad_kernel", "linear_finish_kernel",
+           "linear_stats_kernel", "linear_grad_kernel", "linear_finish_kernel", "mm_kernel",
            "topk_distill_kernel", "topk_extract_kernel"}
 # the logit-level kernels: the row kernel (the row in registers over a thread-block cluster)
 # needs sm_90, where the streaming kernel remains the fallback (rows too wide for the row
@@ -63,6 +63,14 @@ def test_specs_follow_the_launchers(aot_records, monkeypatch):
     assert g and all((r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"],
                       r["constexprs"]["BLOCK_K"], r["num_warps"]) == (BM, BN, BK, warps)
                      for r in g)
+    mm = [r for r in aot_records if r["kernel"] == "mm_kernel"]
+    BM, BN, BK, warps, stages = linear._mm_tiles(torch.bfloat16)
+    assert mm and all((r["constexprs"]["BLOCK_M"], r["constexprs"]["BLOCK_N"],
+                       r["constexprs"]["BLOCK_K"], r["num_warps"], r["num_stages"]) ==
+                      (BM, BN, BK, warps, stages) for r in mm)
+    # mode="chunked": the logit-level kernel over float32 logits, writing the 16-bit gradient
+    chunked = [r for r in aot_records if r["variant"] == "chunked"]
+    assert {r["kernel"] for r in chunked} == {"distill_kernel", "mm_kernel"}
 
 
 def test_no_spills(aot_records):
@@ -72,7 +80,7 @@ def test_no_spills(aot_records):
 
 
 STREAMING = ("distill_kernel", "distill_row_kernel", "feature_kernel", "scale_rows_kernel",
-             "linear_stats_kernel", "linear_grad_kernel")
+             "linear_stats_kernel", "linear_grad_kernel", "mm_kernel")
 
 
 def test_vectorised_loads(aot_records):
@@ -84,13 +92,17 @@ def test_vectorised_loads(aot_records):
 
 
 def test_fused_linear_uses_tensor_cores(aot_records):
-    """bf16 fused linear kernels: HMMA on sm_80, warpgroup HGMMA on sm_90."""
+    """bf16 fused linear kernels and the GEMM with the accumulating epilogue: HMMA on sm_80,
+    warpgroup HGMMA on sm_90; the GEMM's K-loop loads through cp.async (pipelined)."""
     fused = [r for r in aot_records if r["kernel"] in ("linear_stats_kernel",
-                                                        "linear_grad_kernel")]
+                                                        "linear_grad_kernel", "mm_kernel")]
     assert fused
     missing = [(r["name"], r["arch"]) for r in fused
                if not (r["hmma"] if r["arch"] == 80 else r["hgmma"])]
     assert not missing, f"fused linear kernels without HMMA (sm_80) / HGMMA (sm_90): {missing}"
+    sync = [(r["name"], r["arch"]) for r in fused if r["kernel"] == "mm_kernel"
+            and "LDGSTS" not in r["sass"]]
+    assert not sync, f"mm_kernel without cp.async (its K-loop is not pipelined): {sync}"
 
 
 def test_sparse_teacher_kernels_stream_128_bits(aot_records):

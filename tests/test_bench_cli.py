@@ -60,3 +60,59 @@ def test_csv_row_fields():
     lines = buf.getvalue().splitlines()
     assert lines[0].startswith("# ") and lines[1].split(",") == bench.CSV_KEYS
     assert lines[2].startswith("feature,p,mse,bf16,1,0,64,")
+
+
+def test_linear_rows_show_their_ratio_to_the_gemm_floor(tmp_path, monkeypatch, capsys):
+    """The gemm-floor provider runs first at each size; every linear row (CSV and table) then
+    carries time / floor time."""
+    out = tmp_path / "out"
+    times = {"gemm-floor": 0.010, "fastdistill-chunked": 0.0115, "torch-eager": 0.04}
+    monkeypatch.setattr(bench, "run_point",
+                        lambda spec: {"time_s": times[spec["provider"]], "peak_extra_bytes": 0,
+                                      "bytes_moved": 0, "flops": 1e9})
+    monkeypatch.setattr(bench.measure, "copy_bandwidth", lambda device: 1e12)
+    rc = bench.main(["--op", "linear", "--device", "cpu", "--N", "64", "--V", "512", "--D",
+                     "32", "--providers", "gemm-floor", "fastdistill-chunked", "torch-eager",
+                     "--out", str(out), "--no-plot"])
+    assert rc == 0
+    rows = {r["provider"]: r for r in _rows(out / "results.csv")}
+    assert float(rows["gemm-floor"]["vs_gemm_floor"]) == 1.0
+    assert abs(float(rows["fastdistill-chunked"]["vs_gemm_floor"]) - 1.15) < 1e-9
+    text = capsys.readouterr().out
+    assert "vs GEMM floor" in text and "1.150x" in text and "4.000x" in text
+
+
+def test_gemm_floor_provider_runs_the_four_gemms():
+    from fastdistill.bench import cases
+    assert cases.linear_providers("cpu")[0] == "gemm-floor"
+    run, reset, grad_bytes, moved, flops = cases.build(dict(
+        op="linear", provider="gemm-floor", N=16, V=64, D=8, Dt=12, dtype="fp32",
+        device="cpu"))
+    run()
+    reset()
+    assert flops == 2.0 * 16 * 64 * (3 * 8 + 12) and grad_bytes == (16 * 8 + 64 * 8) * 4
+
+
+def test_interleaved_runs_keep_each_providers_best_time(tmp_path, monkeypatch):
+    """--interleave: every provider built in this process, run in turn, best time kept."""
+    from fastdistill.bench import cases
+    calls = []
+
+    def fake_build(spec):
+        def run():
+            calls.append(spec["provider"])
+        return run, lambda: None, 0, 1, 2.0
+
+    monkeypatch.setattr(cases, "build", fake_build)
+    monkeypatch.setattr(bench.measure, "copy_bandwidth", lambda device: 1e12)
+    monkeypatch.setattr(bench, "run_point", lambda spec: (_ for _ in ()).throw(AssertionError))
+    out = tmp_path / "out"
+    rc = bench.main(["--op", "linear", "--device", "cpu", "--N", "8", "--V", "16", "--D", "4",
+                     "--providers", "gemm-floor", "fastdistill-chunked", "--interleave", "3",
+                     "--clock", "cpu", "--out", str(out), "--no-plot"])
+    assert rc == 0
+    # one warm-up each, then three rounds in turn
+    assert calls == ["gemm-floor", "fastdistill-chunked"] * 4
+    rows = _rows(out / "results.csv")
+    assert [r["provider"] for r in rows] == ["gemm-floor", "fastdistill-chunked"]
+    assert all(float(r["time_s"]) >= 0 and r["vs_gemm_floor"] for r in rows)

@@ -37,8 +37,14 @@ PRESETS = {
     # fused linear loss against materialised logits (target: <= 25% time, <= 5% memory)
     # (jsd with hard labels, the loss Liger's chunked torch.compile implementation computes)
     "cpu-linear": dict(op="linear", device="cpu", dtype="fp32", N=[4096], V=[65536], D=256,
-                       providers=["fastdistill-chunked", "torch-eager", "liger-chunked"],
+                       providers=["gemm-floor", "fastdistill-chunked", "torch-eager",
+                                  "liger-chunked"],
                        divergence="jsd", hard_weight=0.5, soft_weight=0.5),
+    # the chunked mode against its own four GEMMs (target: <= 1.3x), forward KL; jsd + CE is
+    # cpu-linear
+    "cpu-linear-kl": dict(op="linear", device="cpu", dtype="fp32", N=[4096], V=[65536], D=256,
+                          providers=["gemm-floor", "fastdistill-chunked"],
+                          divergence="forward_kl"),
     "cpu-feature": dict(op="feature", device="cpu", dtype="fp32", N=[2048], D=1024, pairs=4,
                         providers=["fastdistill-cpu", "torch-eager", "torch-compile"]),
     "cpu-sweep": dict(op="distill", device="cpu", dtype="fp32", N=[512, 2048],
@@ -101,6 +107,14 @@ def parse(argv=None):
     ap.add_argument("--no-plot", action="store_true")
     ap.add_argument("--budget", type=float, default=None,
                     help="seconds: points not started by then are skipped (and reported so)")
+    ap.add_argument("--interleave", type=int, default=None, metavar="ROUNDS",
+                    help="CPU, for shared machines: at each size run every provider in this "
+                         "process, one after another, ROUNDS times, and keep each one's best "
+                         "time (no memory measurement): providers see the same load")
+    ap.add_argument("--clock", choices=["wall", "cpu"], default="wall",
+                    help="with --interleave: wall time, or this process's CPU time (all its "
+                         "threads; time other jobs take from the cores is not counted)")
+    ap.add_argument("--threads", type=int, default=None, help="torch threads (CPU)")
     args = ap.parse_args(argv)
     cfg = dict(op="distill", device="auto", dtype=None, N=None, V=None, D=None, pairs=None,
                providers=None, divergence="forward_kl", hard_weight=0.0, soft_weight=1.0)
@@ -152,6 +166,17 @@ def main(argv=None) -> int:
     points = [(p, n, v) for n, v in sizes for p in cfg["providers"]]
     model = load_model(args.predicted)
     rows = []
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    interleaved = {}
+    if args.interleave:
+        for n, v in sizes:
+            interleaved.update(run_interleaved(
+                [dict(op=cfg["op"], provider=p, N=n, V=v, D=cfg["D"], Dt=cfg["D"],
+                      pairs=cfg["pairs"], dtype=cfg["dtype"], device=cfg["device"],
+                      divergence=cfg["divergence"], temperature=args.temperature,
+                      hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"])
+                 for p in cfg["providers"]], args.interleave, args.clock))
     t_start = time.time()
     with open(os.path.join(args.out, "results.csv"), "w", newline="") as out:
         writer = start_csv(out, env, cfg, ceiling)
@@ -162,7 +187,9 @@ def main(argv=None) -> int:
                         hard_weight=cfg["hard_weight"], soft_weight=cfg["soft_weight"],
                         repeats=args.repeats)
             print(f"[{i}/{len(points)}] {prov:22s} N={n} V={v} ... ", end="", flush=True)
-            if args.budget is not None and time.time() - t_start > args.budget:
+            if args.interleave:
+                r = dict(interleaved[(prov, n, v)])
+            elif args.budget is not None and time.time() - t_start > args.budget:
                 r = {"error": f"skipped: time budget of {args.budget:.0f}s spent"}
             else:
                 r = run_point(spec)
@@ -171,10 +198,13 @@ def main(argv=None) -> int:
                 r["disk_bytes_per_token"] = cases.disk_bytes_per_token(spec)
             add_prediction(r, model, cfg)
             rows.append(r)
+            add_floor_ratios(rows)  # the floor runs first at each size: known when written
             writer.writerow(csv_row(r, cfg))
             out.flush()
             msg = r.get("error") or (f"{r['time_s'] * 1e3:9.2f} ms  "
                                      f"{r['peak_extra_bytes'] / 2**20:9.1f} MiB extra")
+            if r.get("vs_gemm_floor") and prov != "gemm-floor":
+                msg += f"  ({r['vs_gemm_floor']:.3f}x the GEMM floor)"
             if "disk_bytes_per_token" in r and "error" not in r:
                 msg += f"  {r['disk_bytes_per_token']:8.0f} B/token on disk"
             if r.get("predicted_ms"):
@@ -187,6 +217,34 @@ def main(argv=None) -> int:
         for path in plot(rows, env, cfg, args.out):
             print(f"plot: {path}")
     return 0
+
+
+def run_interleaved(specs, rounds, clock="wall"):
+    """{(provider, N, V): result}: every spec built in this process and warmed up once, then
+    `rounds` rounds of one run each, in turn; each provider's best time (wall or this process's
+    CPU time)."""
+    tick = time.process_time if clock == "cpu" else time.perf_counter
+    built, out = [], {}
+    for spec in specs:
+        key = (spec["provider"], spec["N"], spec["V"])
+        try:
+            run, reset, grad_bytes, moved, flops = cases.build(spec)
+            run()
+            reset()
+            built.append((key, run, reset, moved, flops))
+        except Exception as e:  # one failing provider must not stop the others
+            out[key] = {"error": f"{type(e).__name__}: {e}"}
+    best = {key: float("inf") for key, *_ in built}
+    for _ in range(rounds):
+        for key, run, reset, _, _ in built:
+            t0 = tick()
+            run()
+            best[key] = min(best[key], tick() - t0)
+            reset()
+    for key, _, _, moved, flops in built:
+        out[key] = {"time_s": best[key], "peak_extra_bytes": 0, "bytes_moved": moved,
+                    "flops": flops}
+    return out
 
 
 def load_model(path):
@@ -213,16 +271,32 @@ def add_prediction(r, model, cfg):
         r["measured_over_predicted"] = r["time_s"] * 1e3 / p["predicted_ms"]
 
 
+def add_floor_ratios(rows) -> None:
+    """vs_gemm_floor = time / the gemm-floor provider's time at the same (N, V) (linear)."""
+    floor = {(r["N"], r["V"]): r["time_s"] for r in rows
+             if r["provider"] == "gemm-floor" and "error" not in r}
+    for r in rows:
+        f = floor.get((r["N"], r["V"]))
+        if f and "error" not in r:
+            r["vs_gemm_floor"] = r["time_s"] / f
+
+
 def format_table(rows, ceiling, cfg) -> str:
     ref = "fastdistill-dense" if cfg["op"] == "topk" else "torch-eager"
     base = {(r["N"], r["V"]): r for r in rows if r["provider"] == ref and "error" not in r}
-    lines = [f"| provider | N | V | time (ms) | peak extra (MiB) | achieved | memory floor (ms) | "
-             f"time / floor | vs {ref} time / memory | predicted (ms) |",
-             "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    lin = cfg["op"] == "linear"
+    add_floor_ratios(rows)
+    # the floor column: linear rows against the gemm-floor provider (the same GEMMs alone);
+    # the others against the memory floor, the ideal fused kernel's traffic (inputs read once,
+    # gradients written once) at the copy bandwidth measured in the same run
+    fcols = "vs GEMM floor |" if lin else "memory floor (ms) | time / floor |"
+    lines = [f"| provider | N | V | time (ms) | peak extra (MiB) | achieved | {fcols} "
+             f"vs {ref} time / memory | predicted (ms) |",
+             "| --- | --- | --- | --- | --- | --- | --- | --- | --- |" + ("" if lin else " --- |")]
     for r in rows:
         if "error" in r:
             lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | error: {r['error'][:60]} "
-                         "| | | | | | |")
+                         "| | | | |" + (" |" if lin else " | |"))
             continue
         t = r["time_s"]
         if r.get("flops"):
@@ -237,10 +311,11 @@ def format_table(rows, ceiling, cfg) -> str:
             rel = f"{100 * t / b['time_s']:.1f}% / {mem:.2f}%"
         pred = f"{r['predicted_ms']:.2f} (x{r['measured_over_predicted']:.2f})" \
             if r.get("predicted_ms") else ""
-        # the memory floor: the ideal fused kernel's traffic (inputs read once, gradients
-        # written once) at the copy bandwidth measured in the same run
-        floor = r["bytes_moved"] / ceiling if r.get("bytes_moved") else 0.0
-        fl = f"{floor * 1e3:.2f} | {t / floor:.2f}x" if floor else " | "
+        if lin:
+            fl = f"{r['vs_gemm_floor']:.3f}x" if r.get("vs_gemm_floor") else ""
+        else:
+            floor = r["bytes_moved"] / ceiling if r.get("bytes_moved") else 0.0
+            fl = f"{floor * 1e3:.2f} | {t / floor:.2f}x" if floor else " | "
         lines.append(f"| {r['provider']} | {r['N']} | {r['V']} | {t * 1e3:.2f} | "
                      f"{r['peak_extra_bytes'] / 2**20:.1f} | {ach} | {fl} | {rel} | {pred} |")
     if cfg["op"] == "topk":  # the stored teacher's size, next to the loss's cost
@@ -253,7 +328,7 @@ def format_table(rows, ceiling, cfg) -> str:
 
 CSV_KEYS = ["op", "provider", "divergence", "dtype", "N", "V", "D", "hard_weight", "time_s",
             "peak_extra_bytes", "bytes_moved", "flops", "predicted_ms",
-            "measured_over_predicted", "error", "disk_bytes_per_token"]
+            "measured_over_predicted", "vs_gemm_floor", "error", "disk_bytes_per_token"]
 
 
 def start_csv(f, env, cfg, ceiling):

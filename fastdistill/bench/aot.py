@@ -323,12 +323,8 @@ def _feature_workload(dtype, kind, D):
     backends.get("triton").feature_forward(s, t, mask, kind, scale, True)
 
 
-def _linear_workload(dtype, divergence, variant):
-    """The fused implementation itself (backends/linear_fused.py): the custom op would route
-    meta tensors to its fake kernel. Its forward computes the gradients too; backward only scales
-    them by grad_output (the scale kernel, captured by _scale_workload)."""
+def _linear_call(dtype, divergence, variant):
     import torch
-    from fastdistill.backends import linear_fused
     from fastdistill.config import DistillConfig
     from fastdistill.ops import LinearCall
     dt = _torch_dtype(dtype)
@@ -345,8 +341,32 @@ def _linear_workload(dtype, divergence, variant):
                       1.0 / cfg.temperature, cfg.soft_scale, cfg.hard_weight, cfg.ignore_index,
                       V, 1.0, 1.0, 30.0 if variant == "hard" else None, None, "triton")
     scale = torch.empty((), dtype=torch.float32, device="meta")
+    return call, scale
+
+
+def _linear_workload(dtype, divergence, variant):
+    """The fused implementation itself (backends/linear_fused.py): the custom op would route
+    meta tensors to its fake kernel. Its forward computes the gradients too; backward only scales
+    them by grad_output (the scale kernel, captured by _scale_workload)."""
+    from fastdistill.backends import linear_fused
+    call, scale = _linear_call(dtype, divergence, variant)
     with _meta_is_a_gpu():
         linear_fused.forward(call, scale, None, (True, True, False), 0)
+
+
+def _linear_chunked_workload(dtype, divergence, variant):
+    """The chunked implementation (backends/linear_chunked.py) on the triton backend: cuBLAS
+    gives the float32 logits (not captured), the logit-level kernel turns them into the 16-bit
+    gradient of the ring, and the Triton GEMM accumulates grad_weight in two 16-bit planes."""
+    from fastdistill.backends import linear_chunked
+    call, scale = _linear_call(dtype, divergence, variant)
+    with _meta_is_a_gpu():
+        linear_chunked.forward(call, scale, None, (True, True, False), 0)
+
+
+# The chunked workload's logit-level kernel reads float32 logits: its records are labelled
+# (op, dtype) = ("distill", "fp32") so that the model streams 4-byte elements.
+CHUNKED_LABELS = {"distill_kernel": ("distill", "fp32")}
 
 
 # sparse (top-k) teachers at the bench preset's K: (dtype, divergence, tail)
@@ -386,8 +406,9 @@ class Workload:
     op: str                 # distill, feature, scale, linear
     dtype: str
     divergence: str         # the divergence, or the feature kind
-    variant: str            # bench / hard / onetile / tiled
+    variant: str            # bench / hard / onetile / tiled / chunked
     run: Callable[[], None] = field(repr=False)
+    labels: Dict[str, Tuple[str, str]] = field(default_factory=dict)  # kernel -> (op, dtype)
 
     @property
     def label(self) -> str:
@@ -440,6 +461,10 @@ def workloads(ops: Tuple[str, ...] = ("distill", "feature", "scale", "linear", "
             for var in variants:
                 out.append(Workload("linear", "bf16", div, var,
                                     lambda v=div, w=var: _linear_workload("bf16", v, w)))
+            if "bench" in variants:  # mode="chunked" at the bench settings
+                out.append(Workload("linear", "bf16", div, "chunked",
+                                    lambda v=div: _linear_chunked_workload("bf16", v, "bench"),
+                                    labels=CHUNKED_LABELS))
     return out
 
 
@@ -581,7 +606,8 @@ def collect(wls: Optional[List[Workload]] = None) -> List[Spec]:
                     continue
                 seen.add(key)
                 tag = "".join(f",{k}={c[k]}" for k in varying)
-                specs.append(Spec(f"{kernel}[{wl.label}{tag}]", kernel, wl.op, wl.dtype,
+                op, dtype = wl.labels.get(kernel, (wl.op, wl.dtype))
+                specs.append(Spec(f"{kernel}[{wl.label}{tag}]", kernel, op, dtype,
                                   wl.divergence, wl.variant, la, la.grid_size()))
     return specs
 

@@ -137,7 +137,7 @@ def _liger_distill(s, t, labels, kw):
 
 
 def linear_providers(device: str) -> List[str]:
-    names = ["fastdistill-chunked"]
+    names = ["gemm-floor", "fastdistill-chunked"]
     if device == "cuda":
         names.append("fastdistill-fused")
     names += ["torch-eager", "torch-compile"]
@@ -160,6 +160,12 @@ def _build_linear(spec):
     kw = _div_kw(spec)
     sw = spec.get("soft_weight", 1.0)
     p = spec["provider"]
+    e = hs.element_size()
+    grad_bytes = (N * D + V * D) * e
+    flops = 2.0 * N * V * (3 * D + Dt)
+    if p == "gemm-floor":
+        run, reset = _gemm_floor(hs, ws, ht, wt)
+        return run, reset, grad_bytes, 0, flops
     if p in ("fastdistill-chunked", "fastdistill-fused"):
         mode = p.split("-")[1]
 
@@ -198,10 +204,40 @@ def _build_linear(spec):
         hs.grad = None
         ws.grad = None
 
-    e = hs.element_size()
-    grad_bytes = (N * D + V * D) * e
-    flops = 2.0 * N * V * (3 * D + Dt)
     return run, reset, grad_bytes, 0, flops
+
+
+def _gemm_floor(hs, ws, ht, wt):
+    """The four GEMMs of the linear loss alone, at its shapes and dtype, into buffers made once:
+    student and teacher logits [N, V] (float32 outputs where torch has out_dtype for 16-bit
+    CUDA inputs, as the chunked mode uses them; else the input dtype), grad_hidden = G W_s and
+    grad_weight = G^T h_s with the logits buffer as G (in the input dtype). The time every
+    linear row is compared with."""
+    h, w = hs.detach(), ws.detach()
+    N, V = h.shape[0], w.shape[0]
+    z = torch.empty(N, V, dtype=h.dtype, device=h.device)
+    z32 = None
+    if h.is_cuda and h.dtype != torch.float32:
+        try:
+            torch.mm(h[:1], w[:1].t(), out_dtype=torch.float32,
+                     out=torch.empty(1, 1, device=h.device))
+            z32 = torch.empty(N, V, dtype=torch.float32, device=h.device)
+        except (TypeError, RuntimeError):
+            z32 = None
+    g_h = torch.empty_like(h)
+    g_w = torch.empty_like(w)
+
+    def run():
+        if z32 is not None:
+            torch.mm(h, w.t(), out_dtype=torch.float32, out=z32)
+            torch.mm(ht, wt.t(), out_dtype=torch.float32, out=z32)
+        else:
+            torch.mm(h, w.t(), out=z)
+            torch.mm(ht, wt.t(), out=z)
+        torch.mm(z, w, out=g_h)
+        torch.mm(z.t(), h, out=g_w)
+
+    return run, lambda: None
 
 
 def _weighted_naive_linear(f, hs, ws, ht, wt, labels, soft_weight, kw):

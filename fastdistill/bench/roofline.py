@@ -17,7 +17,8 @@ of each loop), and for each kernel x divergence x dtype reports
   per tile, the widest global load (LDG.E.128, cp.async LDGSTS, TMA UTMALDG), registers, spills,
   CTAs and warps per SM (occupancy from registers, threads and shared memory);
 - HBM bytes by construction (passes x bytes per element, per kernel below);
-- for the fused linear kernels the warpgroup MMA shape (e.g. HGMMA.64x32x16) and the K-loop.
+- for the GEMM kernels (fused linear, mm_kernel) the warpgroup MMA shape (e.g. HGMMA.64x32x16)
+  and the instructions per K step.
 
 Predicted time of a kernel = max(memory bound, issue bound, MUFU bound[, GEMM bound]):
 
@@ -31,11 +32,11 @@ Predicted time of a kernel = max(memory bound, issue bound, MUFU bound[, GEMM bo
 - MUFU: MUFU operations / (16 per clock per SM x 132 SMs x 1.83 GHz); 16 results per clock per
   SM for exp2 / log2 / reciprocal / rsqrt is the rate of compute capability 8.x and 9.0 in the
   CUDA C++ Programming Guide (arithmetic instruction throughput table);
-- GEMM (fused linear): FLOPs / 790 TFLOP/s, the rate cuBLAS reaches on large bf16 GEMMs of an
+- GEMM (linear, both modes): FLOPs / 790 TFLOP/s, the rate cuBLAS reaches on large bf16 GEMMs of an
   H100/H200 SXM (about 80% of the 989.4 TFLOP/s dense peak), also the rate of the GEMM floor.
 
 Floors: logit level and features, one read of every input and one write of the gradient at the
-copy bandwidth; fused linear, 2 N V (3 Ds + Dt) FLOPs (the forward's two GEMMs and the
+copy bandwidth; linear (both modes), 2 N V (3 Ds + Dt) FLOPs (the forward's two GEMMs and the
 backward's two, no recompute) at 790 TFLOP/s. ratio = predicted / floor.
 
 HBM bytes by construction (E = bytes per element, V columns, N rows):
@@ -44,14 +45,33 @@ HBM bytes by construction (E = bytes per element, V columns, N rows):
   feature_kernel   rows D (E_s + E_t + E_s) (one tile in registers); wider rows stream 2 or 3
                    passes, the later ones from L2 when the resident rows fit
   scale_rows       N W 2 E (read and write; nothing when the factor is 1)
-  linear_stats     per tile of BLOCK_M x BLOCK_N logits, the hidden blocks of its rows (BLOCK_M x
-                   (Ds + Dt)) and the weight blocks (BLOCK_N x (Ds + Dt)); the weight blocks are
-                   shared by the row blocks running at the same time (from L2), the hidden blocks
-                   are re-read per tile, from HBM when the resident programs' hidden blocks do
-                   not fit in L2
-  linear_grad      the same per tile, hidden re-read per column block unless all N hidden rows
-                   fit in L2; plus the [N, chunk] gradient written
-  cuBLAS (backward of the fused linear) reads the staged gradient twice; its GEMMs at 790 TF
+  linear_stats     (fused) the hidden rows and the weights of its tiles. Program p handles
+                   row block p // splits, split p % splits: the resident programs cover
+                   resident / splits row blocks x every split; their hidden rows stay in L2 for
+                   the sweep when they fit in half of it (else re-read per tile), and each such
+                   wave of row blocks streams every weight tile once
+  linear_grad      (fused) tiles in groups of GROUP_M row blocks: the group's hidden rows once per
+                   vocabulary chunk (from L2 across its columns), the weights once per group;
+                   plus the [N, chunk] gradient written
+  mm_kernel        the Triton GEMM with an accumulating epilogue (grad_hidden of the fused mode,
+                   grad_weight of the chunked mode): A and B once, and per element of C 4 bytes
+                   (two 16-bit planes written), 8 (read and written) or 6 (read, rounded to
+                   bf16 and written); bounds concurrent with two or more CTAs per SM (one CTA's
+                   epilogue overlaps another's K-loop), the epilogue added to the K-loop with one
+  cuBLAS           GEMMs at 790 TFLOP/s; their HBM bytes (the float32 logits written, the weights
+                   re-read per chunk or ring, the staged gradient read) as a memory bound
+
+The linear modes (gpu-linear preset, forward + backward), against the GEMM floor 2 N V (3 Ds +
+Dt) at 790 TFLOP/s (the "gemm floor (4 GEMMs)" row):
+  chunked  per chunk (fastdistill._chunked.plan_chunks) the student and teacher logits by cuBLAS
+           in float32, the logit-level kernel over them (float32 in, the bf16 gradient out),
+           per ring of rows grad_hidden by cuBLAS and grad_weight by mm_kernel (two 16-bit
+           planes; one cuBLAS GEMM when a single ring holds every row)
+  fused    the statistics sweep (two for jsd, skew, tvd), the merge, the gradient tiles
+           recomputed, per vocabulary chunk grad_weight by cuBLAS (complete, bf16) and
+           grad_hidden by mm_kernel; 6 GEMM units of 2 N V D against the floor's 4 (1.5x) by
+           construction, 8 (2x) with the second sweep
+Each total row carries the extra memory of its mode by construction (extra_bytes).
 
 What it ignores: launch overheads and tails (partial waves), instruction latencies and
 dependency stalls (the issue bound assumes a ready warp on every scheduler every clock; the
@@ -122,6 +142,8 @@ LOGIT_VOCABS = (50257, 128256, 151936, 256000)   # GPT-2, Llama-3, Qwen2, Gemma
 LINEAR_V, LINEAR_D = 128256, 4096
 FEATURE_D, FEATURE_PAIRS = 4096, 4
 TWO_PASS = ("forward_kl", "reverse_kl", "symmetric_kl")
+LINEAR_DIVERGENCES = ("forward_kl", "reverse_kl", "jsd", "tvd", "symmetric_kl")
+GEMM_FLOOR = "gemm floor (4 GEMMs)"
 ESIZE = {"bf16": 2, "fp16": 2, "fp32": 4}
 DTYPES = ("bf16", "fp32")
 
@@ -589,66 +611,201 @@ def estimate_scale(m: Machine, a: Analysis, N: int, W: int) -> Estimate:
                    programs * a.threads * a.body.mufu_total)
 
 
+def _kloop_instr(a: Analysis, D: Sequence[int]) -> float:
+    """Instructions per warp of one tile's K-loops (one per hidden size: student, teacher)."""
+    BK = a.rec["constexprs"]["BLOCK_K"]
+    return sum(lp.instr * math.ceil(d / BK) for lp, d in zip(a.kloops, D))
+
+
 def _gemm_tiles(m: Machine, a: Analysis, N: int, V: int, D: Tuple[int, int],
-                hidden_reread_private: bool) -> Estimate:
+                hidden: float, weights: float) -> Estimate:
     """A fused GEMM kernel over [N, V] logit tiles of BLOCK_M x BLOCK_N with K-loops over Ds and
-    Dt (student and teacher)."""
+    Dt (student and teacher); `hidden` and `weights` are its HBM bytes for those operands."""
     c = a.rec["constexprs"]
-    BM, BN, BK = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
-    e = ESIZE[a.dtype]
+    BM, BN = c["BLOCK_M"], c["BLOCK_N"]
     tiles = math.ceil(N / BM) * math.ceil(V / BN)
     warps = math.ceil(a.threads / 32)
-    ks = a.kloops
-    # each K-loop runs over one hidden size (student, then teacher)
-    k_instr = sum(lp.instr * math.ceil(d / BK) for lp, d in zip(ks, D))
     tile_epi = (a.streams[0].instr if a.streams else a.body.instr)
-    per_tile = tile_epi + k_instr
+    per_tile = tile_epi + _kloop_instr(a, D)
     mufu_tile = (a.streams[0].mufu_total if a.streams else a.body.mufu_total)
-    programs = a.rec["grid"][0] * (a.rec["grid"][1] if len(a.rec["grid"]) > 1 else 1)
+    programs = int(math.prod(a.rec["grid"]))
     warp_instr = tiles * warps * per_tile + (programs * warps * a.body.instr if a.streams else 0)
-    Dsum = sum(D[:len(ks)])
-    resident = max(1, a.ctas_per_sm) * m.sms
-    if hidden_reread_private:
-        # linear_stats: a program re-reads its hidden rows for every tile of its split; they
-        # stay in L2 only if the resident programs' hidden blocks fit in half of it
-        fits = resident * BM * Dsum * e <= m.l2_bytes // 2
-        hidden = (programs if fits else tiles) * BM * Dsum * e
-    else:
-        # linear_grad: every column block re-reads all N hidden rows, from L2 if they fit
-        fits = N * Dsum * e <= m.l2_bytes // 2
-        hidden = (N * Dsum * e) * (1 if fits else math.ceil(V / BN))
-    # the weight blocks of one column range are read by the row blocks running at the same
-    # time (the grid's first axis runs over row blocks): once from HBM
-    weights = V * Dsum * e
-    flops = 2.0 * N * V * Dsum
+    flops = 2.0 * N * V * sum(D[:len(a.kloops)])
     return _finish(m, hidden + weights, warp_instr, tiles * a.threads * mufu_tile, flops)
+
+
+def stats_traffic(m: Machine, a: Analysis, N: int, V: int, Dsum: int, e: int,
+                  splits: int) -> Tuple[float, float]:
+    """HBM bytes of the hidden rows and of the weights in one statistics sweep. Program p
+    handles row block p // splits and split p % splits (kernels/linear.py): the resident
+    programs cover resident / splits row blocks x every split. A row block's hidden rows are
+    read by its `splits` programs at the same time, from L2 for the whole sweep when the
+    resident row blocks fit in half of it (else once per tile, shared by the splits); each wave
+    of resident row blocks streams every weight tile once."""
+    c = a.rec["constexprs"]
+    BM, BN = c["BLOCK_M"], c["BLOCK_N"]
+    n_rb = math.ceil(N / BM)
+    resident = max(1, a.ctas_per_sm) * m.sms
+    rb_conc = max(1, resident // splits)
+    if rb_conc * BM * Dsum * e <= m.l2_bytes // 2:
+        hidden = N * Dsum * e
+    else:
+        hidden = n_rb * math.ceil(V / BN) * BM * Dsum * e / splits
+    weights = math.ceil(n_rb / rb_conc) * V * Dsum * e
+    return hidden, weights
+
+
+def grad_traffic(m: Machine, a: Analysis, N: int, V: int, Dsum: int, e: int,
+                 chunks: int) -> Tuple[float, float]:
+    """HBM bytes of the hidden rows and weights of the gradient kernel over all chunks: tiles
+    in groups of GROUP_M row blocks (the group's hidden rows stay in L2 while it walks the
+    chunk's columns, when they fit in half of it); the weights are read once per group."""
+    c = a.rec["constexprs"]
+    BM, BN, GM = c["BLOCK_M"], c["BLOCK_N"], c.get("GROUP_M", 1)
+    n_rb = math.ceil(N / BM)
+    if min(GM, n_rb) * BM * Dsum * e <= m.l2_bytes // 2:
+        hidden = chunks * N * Dsum * e
+        weights = math.ceil(n_rb / GM) * V * Dsum * e
+    else:  # no reuse of the hidden rows across columns
+        hidden = n_rb * math.ceil(V / BN) * BM * Dsum * e
+        weights = math.ceil(n_rb / GM) * V * Dsum * e
+    return hidden, weights
+
+
+def estimate_mm(m: Machine, a: Analysis, M: int, N: int, K: int, acc_bytes: float,
+                e: int = 2) -> Estimate:
+    """The Triton GEMM of kernels/linear.py (mm_kernel): C [M, N] (op)= A [M, K] B [K, N].
+    HBM: A and B once (grouped tile order: the group's A rows and all of B fit in L2), and
+    `acc_bytes` per element of C for the epilogue (split planes: 4 written; 8 read and
+    written; 4 read + 2 written on the last). With two or more CTAs per SM one CTA's epilogue
+    overlaps another's K-loop and the bounds are taken as concurrent (max); with one, the
+    epilogue's memory time adds to the K-loop's."""
+    c = a.rec["constexprs"]
+    BM, BN, BK = c["BLOCK_M"], c["BLOCK_N"], c["BLOCK_K"]
+    tiles = math.ceil(M / BM) * math.ceil(N / BN)
+    warps = math.ceil(a.threads / 32)
+    per_tile = a.body.instr + sum(lp.instr for lp in a.kloops) * (K // BK)
+    flops = 2.0 * M * N * K
+    hbm = (M * K + K * N) * e + M * N * acc_bytes
+    est = _finish(m, hbm, tiles * warps * per_tile, 0, flops)
+    if a.ctas_per_sm < 2:
+        est.gemm_s += M * N * acc_bytes / m.hbm_bytes_s
+    return est
+
+
+def _cublas(m: Machine, flops: float, hbm: float) -> Estimate:
+    """A cuBLAS GEMM: FLOPs at the GEMM rate, its HBM bytes at the copy bandwidth."""
+    return _finish(m, hbm, 0, 0, flops)
+
+
+def _pick(kernels: Dict[str, Analysis], kernel: str, tag: str = "") -> Optional[Analysis]:
+    for a in kernels.values():
+        if a.kernel == kernel and tag in a.name:
+            return a
+    return None
 
 
 def estimate_linear(m: Machine, kernels: Dict[str, Analysis], N: int, V: int, Ds: int,
                     Dt: int) -> Tuple[Estimate, Dict[str, Estimate]]:
     """The fused mode of linear_distill_loss, forward + backward: statistics sweep(s), the
-    split merge, the gradient tiles and the backward's two cuBLAS GEMMs per chunk."""
+    split merge, the gradient tiles, and per vocabulary chunk the backward's two GEMMs
+    (grad_weight by cuBLAS, grad_hidden by mm_kernel into two 16-bit planes)."""
+    from fastdistill.backends.linear_fused import vocab_chunk
+    from fastdistill.kernels.linear import split_plan
+    import torch
     e = 2
     parts: Dict[str, Estimate] = {}
-    splits = max([a.rec["grid"][1] for a in kernels.values()
-                  if a.kernel == "linear_stats_kernel"] or [1])
+    cv = vocab_chunk(N, Ds, V, torch.device("meta"))
+    chunks = math.ceil(V / cv)
+    splits = 1
     for name, a in kernels.items():
+        c = a.rec["constexprs"]
         if a.kernel == "linear_stats_kernel":
-            parts[name] = _gemm_tiles(m, a, N, V, (Ds, Dt), True)
+            splits = split_plan(N, V, m.sms, c["BLOCK_M"], c["BLOCK_N"])[0]
+            h, w = stats_traffic(m, a, N, V, Ds + Dt, e, splits)
+            parts[name] = _gemm_tiles(m, a, N, V, (Ds, Dt), h, w)
         elif a.kernel == "linear_grad_kernel":
-            est = _gemm_tiles(m, a, N, V, (Ds, Dt), False)
+            h, w = grad_traffic(m, a, N, V, Ds + Dt, e, chunks)
+            est = _gemm_tiles(m, a, N, V, (Ds, Dt), h, w)
             g = N * V * e  # the staged gradient, written
             parts[name] = _finish(m, est.hbm_bytes + g, est.warp_instr, est.mufu_ops, est.flops)
-        elif a.kernel == "linear_finish_kernel":
+    for name, a in kernels.items():
+        if a.kernel == "linear_finish_kernel":
             programs = math.ceil(N / a.rec["constexprs"]["BLOCK_M"])
             per_thread = a.body.instr + splits * sum(lp.instr for lp in a.loops)
-            parts[name] = _finish(m, N * splits * 8 * 4 + N * 8 * 4 * 2,
+            parts[name] = _finish(m, N * splits * 9 * 4 + N * 8 * 4 * 2,
                                   programs * math.ceil(a.threads / 32) * per_thread, 0)
-    # backward GEMMs (cuBLAS): grad_hidden += G W, grad_weight = G^T H; G read twice, W and H
-    # read, grad_weight written in float32, grad_hidden accumulated in float32
-    flops = 2.0 * (2.0 * N * V * Ds)
-    hbm = 2 * N * V * e + V * Ds * (e + 4) + N * Ds * (e + 4 * 2)
-    parts["cublas: grad_hidden + grad_weight"] = _finish(m, hbm, 0, 0, flops)
+    # grad_weight per chunk: G_c^T H (cuBLAS, K = N), G read, H read per chunk, written bf16
+    parts["cublas: grad_weight"] = _cublas(m, 2.0 * N * V * Ds,
+                                           N * V * e + chunks * N * Ds * e + V * Ds * e)
+    # grad_hidden += G_c W_c, accumulated in two 16-bit planes (mm_kernel)
+    mm = {tag: _pick(kernels, "mm_kernel", tag) for tag in ("EPI=2", "EPI=3", "EPI=4")}
+    if chunks > 1 and all(mm.values()):
+        accs = [4.0] + [8.0] * (chunks - 2) + [6.0]
+        ests = [estimate_mm(m, mm["EPI=2" if i == 0 else ("EPI=4" if i == chunks - 1
+                                                            else "EPI=3")],
+                            N, Ds, min(cv, V - i * cv), acc) for i, acc in enumerate(accs)]
+        parts["mm_kernel: grad_hidden (split planes)"] = sequence(ests)
+    else:
+        parts["cublas: grad_hidden"] = _cublas(m, 2.0 * N * V * Ds, N * V * e + V * Ds * e)
+    return sequence(list(parts.values())), parts
+
+
+def linear_extra_bytes(mode: str, N: int, V: int, Ds: int, Dt: int, splits: int = 12) -> float:
+    """Extra memory beyond inputs and gradients, by construction (bf16, N x V logits never
+    held): chunked, the plan of fastdistill._chunked.plan_chunks; fused, the staged chunk, the
+    low plane of grad_hidden, the statistics and split states."""
+    import torch
+    if mode == "chunked":
+        from fastdistill._chunked import _round_up, plan_chunks
+        w = torch.empty(V, Ds, dtype=torch.bfloat16, device="meta")
+        h = torch.empty(N, Ds, dtype=torch.bfloat16, device="meta")
+        c, ring = plan_chunks(N, V, w, h, 2)
+        pitch = _round_up(V, 16)
+        lo = V * Ds * 2 if ring < N else 0
+        return 2 * c * V * 4 + min(ring, N) * pitch * 2 + lo + N * 4
+    from fastdistill.backends.linear_fused import vocab_chunk
+    cv = vocab_chunk(N, Ds, V, torch.device("meta"))
+    lo = N * Ds * 2 if cv < V else 0
+    return N * cv * 2 + lo + N * splits * 9 * 4 + N * 8 * 4 + N * 4 * 3
+
+
+def estimate_chunked(m: Machine, kernels: Dict[str, Analysis], N: int, V: int, Ds: int,
+                     Dt: int) -> Tuple[Estimate, Dict[str, Estimate]]:
+    """mode="chunked" on the triton backend, forward + backward, with the chunk and ring of
+    fastdistill._chunked.plan_chunks: per chunk the two logit GEMMs (cuBLAS, float32 out) and
+    the logit-level kernel over the float32 logits (writing the 16-bit gradient), per ring the
+    grad_hidden GEMM (cuBLAS) and the grad_weight GEMM into two 16-bit planes (mm_kernel)."""
+    import torch
+
+    from fastdistill._chunked import plan_chunks
+    e = 2
+    w = torch.empty(V, Ds, dtype=torch.bfloat16, device="meta")
+    h = torch.empty(N, Ds, dtype=torch.bfloat16, device="meta")
+    c, ring = plan_chunks(N, V, w, h, 2)
+    ring = min(ring, N)
+    chunks, flushes = math.ceil(N / c), math.ceil(N / ring)
+    parts: Dict[str, Estimate] = {}
+    # logits: both weights re-read per chunk, the float32 logits written
+    parts["cublas: student + teacher logits"] = _cublas(
+        m, 2.0 * N * V * (Ds + Dt), chunks * V * (Ds + Dt) * e + N * (Ds + Dt) * e + N * V * 8)
+    row = _pick(kernels, "distill_kernel")
+    if row is not None:
+        passes = 2 if row.divergence in TWO_PASS else 3
+        parts[row.name] = _rows_stream(m, row, N, V, passes, 8, e)
+    parts["cublas: grad_hidden"] = _cublas(m, 2.0 * N * V * Ds,
+                                           N * V * e + flushes * V * Ds * e + N * Ds * e)
+    mm = {tag: _pick(kernels, "mm_kernel", tag) for tag in ("EPI=2", "EPI=3", "EPI=4")}
+    if flushes > 1 and all(mm.values()):
+        ests = []
+        for i in range(flushes):
+            tag, acc = ("EPI=2", 4.0) if i == 0 else \
+                (("EPI=4", 6.0) if i == flushes - 1 else ("EPI=3", 8.0))
+            ests.append(estimate_mm(m, mm[tag], V, Ds, min(ring, N - i * ring), acc))
+        parts["mm_kernel: grad_weight (split planes)"] = sequence(ests)
+    else:
+        parts["cublas: grad_weight"] = _cublas(m, 2.0 * N * V * Ds,
+                                               N * V * e + N * Ds * e + V * Ds * e)
     return sequence(list(parts.values())), parts
 
 
@@ -660,7 +817,7 @@ def gemm_floor_s(m: Machine, N: int, V: int, Ds: int, Dt: int) -> float:
 
 COLUMNS = ["kernel", "backend", "divergence", "dtype", "N", "V", "D", "instr_per_elem",
            "mufu_per_elem", "hbm_bytes", "predicted_ms", "floor_ms", "ratio"]
-EXTRA = ["preset", "arch", "bound", "mem_ms", "issue_ms", "mufu_ms", "gemm_ms", "regs",
+EXTRA = ["preset", "mode", "extra_bytes", "arch", "bound", "mem_ms", "issue_ms", "mufu_ms", "gemm_ms", "regs",
          "spill_bytes", "threads", "ctas_per_sm", "warps_per_sm", "load_width",
          "barriers_per_tile", "shuffles_per_tile", "elems_per_thread_iter", "mma", "passes",
          "variant", "name"]
@@ -746,37 +903,58 @@ def build_table(analyses: Sequence[Analysis], m: Machine = H200) -> List[Dict[st
         rows.append(_row(a, est, floor, kernel="feature_kernel", backend=a.backend,
                          divergence=a.divergence, dtype=a.dtype, N=N_TOKENS,
                          V="", D=FEATURE_D, preset="gpu-feature"))
-    # fused linear: its kernels, then the whole op against the GEMM floor
-    lin = [a for a in by.get(("linear", "triton"), []) if a.variant == "bench"]
+    # linear: the floor, each mode's kernels, then the whole op against the floor
     floor = gemm_floor_s(m, N_TOKENS, LINEAR_V, LINEAR_D, LINEAR_D)
-    for div in dict.fromkeys(a.divergence for a in lin):
-        ks = {a.name: a for a in lin if a.divergence == div}
-        total, parts = estimate_linear(m, ks, N_TOKENS, LINEAR_V, LINEAR_D, LINEAR_D)
-        for name, est in parts.items():
-            a = ks.get(name)
-            own_floor = est.flops / m.gemm_flops_s  # the kernel's own GEMM work at cuBLAS's rate
-            if a is None:
-                rows.append(_row(None, est, own_floor, kernel=name, backend="cublas",
-                                 divergence=div, dtype="bf16", N=N_TOKENS, V=LINEAR_V,
-                                 D=LINEAR_D, instr_per_elem="", mufu_per_elem="",
-                                 preset="gpu-linear"))
-                continue
-            per_elem = {}
-            if a.kernel == "linear_grad_kernel":
-                per_elem = dict(instr_per_elem=round(a.body.instr / a.body_elems, 2),
-                                mufu_per_elem=round(a.body.mufu_total / a.body_elems, 3))
-            tag = re.search(r",(PASS=\d)\]$", a.name)
-            rows.append(_row(a, est, own_floor,
-                             kernel=a.kernel + (f"[{tag.group(1)}]" if tag else ""),
-                             backend="triton", divergence=div, dtype=a.dtype, N=N_TOKENS,
-                             V=LINEAR_V, D=LINEAR_D, preset="gpu-linear", **per_elem))
-        epi = [r for r in rows[-len(parts):] if isinstance(r.get("instr_per_elem"), float)]
-        rows.append(_row(None, total, floor, kernel="linear_fused (fwd+bwd)", backend="triton",
-                         divergence=div, dtype="bf16", N=N_TOKENS, V=LINEAR_V, D=LINEAR_D,
-                         instr_per_elem=round(sum(r["instr_per_elem"] for r in epi), 2),
-                         mufu_per_elem=round(sum(r["mufu_per_elem"] for r in epi), 3),
-                         preset="gpu-linear",
-                         mma=" ".join(sorted({r["mma"] for r in epi if r.get("mma")}))))
+    for div in LINEAR_DIVERGENCES:
+        rows.append(_row(None, Estimate(gemm_s=floor, flops=floor * m.gemm_flops_s), floor,
+                         kernel=GEMM_FLOOR, backend="cublas", divergence=div, dtype="bf16",
+                         N=N_TOKENS, V=LINEAR_V, D=LINEAR_D, preset="gpu-linear", mode="floor",
+                         instr_per_elem="", mufu_per_elem=""))
+    for mode, variant, estimate in (("fused", "bench", estimate_linear),
+                                    ("chunked", "chunked", estimate_chunked)):
+        own = by.get(("linear", "triton"), []) + \
+            (by.get(("distill", "triton"), []) if mode == "chunked" else [])
+        lin = [a for a in own if a.variant == variant and a.arch == m.arch]
+        mms = {a.name: a for a in lin if a.kernel == "mm_kernel"}
+        for div in dict.fromkeys(a.divergence for a in lin if a.kernel != "mm_kernel"):
+            ks = {a.name: a for a in lin if a.divergence == div and a.kernel != "mm_kernel"}
+            ks.update(mms)
+            total, parts = estimate(m, ks, N_TOKENS, LINEAR_V, LINEAR_D, LINEAR_D)
+            first = len(rows)
+            for name, est in parts.items():
+                a = ks.get(name)
+                own_floor = est.flops / m.gemm_flops_s  # its GEMM work at cuBLAS's rate
+                common = dict(divergence=div, N=N_TOKENS, V=LINEAR_V, D=LINEAR_D,
+                              preset="gpu-linear", mode=mode)
+                if a is None:
+                    k = name.split(":")[0]
+                    rows.append(_row(None, est, own_floor, kernel=name,
+                                     backend="cublas" if k == "cublas" else "triton",
+                                     dtype="bf16", instr_per_elem="", mufu_per_elem="",
+                                     **common))
+                    continue
+                per_elem = {}
+                if a.kernel == "linear_grad_kernel":
+                    per_elem = dict(instr_per_elem=round(a.body.instr / a.body_elems, 2),
+                                    mufu_per_elem=round(a.body.mufu_total / a.body_elems, 3))
+                tag = re.search(r",(PASS=\d)\]$", a.name)
+                rows.append(_row(a, est, own_floor,
+                                 kernel=a.kernel + (f"[{tag.group(1)}]" if tag else ""),
+                                 backend="triton", dtype=a.dtype, **common, **per_elem))
+            epi = [r for r in rows[first:] if isinstance(r.get("instr_per_elem"), float)
+                   and r["kernel"].startswith("linear_")]
+            rows.append(_row(None, total, floor, kernel=f"linear_{mode} (fwd+bwd)",
+                             backend="triton", divergence=div, dtype="bf16", N=N_TOKENS,
+                             V=LINEAR_V, D=LINEAR_D, mode=mode,
+                             instr_per_elem=round(sum(r["instr_per_elem"] for r in epi), 2)
+                             if epi else "",
+                             mufu_per_elem=round(sum(r["mufu_per_elem"] for r in epi), 3)
+                             if epi else "",
+                             extra_bytes=int(linear_extra_bytes(mode, N_TOKENS, LINEAR_V,
+                                                                LINEAR_D, LINEAR_D)),
+                             preset="gpu-linear",
+                             mma=" ".join(sorted({r["mma"] for r in rows[first:]
+                                                  if r.get("mma")}))))
     return rows
 
 
@@ -813,7 +991,7 @@ def compile_records(arch: int, jobs: int = 1, cache: Optional[str] = None, log=N
 def format_table(rows: List[Dict[str, Any]]) -> str:
     head = ["preset", "kernel", "backend", "divergence", "dtype", "V", "instr/elem",
             "MUFU/elem", "bar/shfl per tile", "load", "regs", "CTAs/SM", "GB",
-            "predicted ms", "bound", "floor ms", "ratio"]
+            "predicted ms", "bound", "floor ms", "ratio", "extra GB"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for r in rows:
         bs = "" if r.get("barriers_per_tile") is None else \
@@ -823,7 +1001,8 @@ def format_table(rows: List[Dict[str, Any]]) -> str:
             r["divergence"], r["dtype"], r["V"], r["instr_per_elem"], r["mufu_per_elem"], bs,
             r.get("load_width", ""), r.get("regs", ""), r.get("ctas_per_sm", ""),
             f"{r['hbm_bytes'] / 1e9:.2f}", r["predicted_ms"], r["bound"], r["floor_ms"],
-            r["ratio"])) + " |")
+            r["ratio"], f"{r['extra_bytes'] / 1e9:.2f}" if r.get("extra_bytes") else ""))
+            + " |")
     return "\n".join(lines)
 
 
@@ -873,7 +1052,8 @@ def show_loop(analyses: Sequence[Analysis], pattern: str) -> str:
 # ---- calibration ------------------------------------------------------------------------------
 
 PROVIDER_BACKEND = {"fastdistill-triton": "triton", "fastdistill-cuda": "cuda",
-                    "fastdistill-fused": "triton"}
+                    "fastdistill-fused": "triton", "fastdistill-chunked": "triton",
+                    "gemm-floor": "cublas"}
 
 
 def predicted_for(rows: List[Dict[str, Any]], op: str, provider: str, divergence: str,
@@ -884,7 +1064,9 @@ def predicted_for(rows: List[Dict[str, Any]], op: str, provider: str, divergence
     if backend is None:
         return None
     kernel = {"distill": "distill_kernel", "feature": "feature_kernel",
-              "linear": "linear_fused (fwd+bwd)"}.get(op)
+              "linear": {"fastdistill-chunked": "linear_chunked (fwd+bwd)",
+                         "gemm-floor": GEMM_FLOOR}.get(provider, "linear_fused (fwd+bwd)")
+              }.get(op)
     best = None
     for r in rows:
         if r["kernel"] != kernel or r["backend"] != backend or r["dtype"] != dtype:

@@ -103,7 +103,7 @@ def _logit_tiles(hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, rows,
     return S, T, th
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "cols_per_split", "n_splits"])
 def linear_stats_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, part_ptr,
     N, V, Ds, Dt, hs_stride, ws_stride, ht_stride, wt_stride, tlog_stride, cols_per_split,
@@ -115,8 +115,10 @@ def linear_stats_kernel(
 ):
     """PASS 1: partial online statistics per (row, split) -> part [N, n_splits, N_PART].
     PASS 2: partial (loss, aux) sums per (row, split) from the final stats -> part[..., :2]."""
-    pid_m = tl.program_id(0)
-    split = tl.program_id(1)
+    # the splits of a row block are consecutive programs: the programs resident at the same
+    # time cover a few row blocks (their hidden rows stay in L2) x every split
+    pid_m = tl.program_id(0) // n_splits
+    split = tl.program_id(0) % n_splits
     rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     row_in = rows < N
     zero = tl.zeros([BLOCK_M], dtype=tl.float32)
@@ -173,7 +175,7 @@ def linear_stats_kernel(
         tl.store(p + 1, acc_a, mask=row_in)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["N", "n_splits"])
 def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: tl.constexpr,
                          PASS: tl.constexpr, BLOCK_M: tl.constexpr):
     """Merges the splits of each row in a fixed order.
@@ -225,7 +227,11 @@ def linear_finish_kernel(part_ptr, stats_ptr, div_ptr, N, n_splits, beta, DIV: t
         tl.store(div_ptr + rows, loss, mask=row_in)
 
 
-@triton.jit
+# N (tokens) is not specialised: a new batch size does not recompile. c0 and c_width are (the
+# chunk width is a multiple of 128, so c0 always divides by 16; only the last chunk differs):
+# without their divisibility the store offsets cost 30 more registers and the heaviest variant
+# (jsd, hard loss, softcap) spills.
+@triton.jit(do_not_specialize=["N"])
 def linear_grad_kernel(
     hs_ptr, ws_ptr, bs_ptr, ht_ptr, wt_ptr, bt_ptr, tlog_ptr, labels_ptr, stats_ptr, rowf_ptr,
     g_ptr, g_stride, c0, c_width,
@@ -234,15 +240,24 @@ def linear_grad_kernel(
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SAME_LSE: tl.constexpr,
     HAS_SB: tl.constexpr, HAS_TB: tl.constexpr, DENSE_T: tl.constexpr, S_CAP: tl.constexpr,
     T_CAP: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, GROUP_M: tl.constexpr,
 ):
     """G[r, j - c0] = d loss / d (h_s w_s^T + b_s)[r, j] for columns j in [c0, c0 + c_width),
     times the per-row factor rowf (grad_output x reduction scale). Ignored rows get exact
     zeros: they are masked, not multiplied by 0 (their statistics may be NaN, e.g. an all -inf
     padding row of teacher logits, and 0 x NaN would reach grad_weight through the GEMM). NaN
     in counted rows without distributions or with an infinite reverse KL (divergence.h)."""
-    rows = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
-    cols = c0 + tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    # tiles in groups of GROUP_M row blocks, column blocks within a group: the resident
+    # programs share a few row blocks' hidden rows (from L2) and their weight tiles
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(N, BLOCK_M)
+    n_n = tl.cdiv(c_width, BLOCK_N)
+    first_m = (pid // (GROUP_M * n_n)) * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = c0 + pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
     row_in = rows < N
     keep = row_in
     label = tl.full([BLOCK_M], -1, dtype=tl.int64)
@@ -290,7 +305,10 @@ def linear_grad_kernel(
 def _tiles(dtype, kernel="grad"):
     """(BLOCK_M, BLOCK_N, BLOCK_K, warps). The stats kernel keeps two accumulators and the
     online-softmax temporaries live at once, so it takes half the vocabulary tile of the grad
-    kernel to stay within the register file (checked: no spills, tests/test_aot.py)."""
+    kernel to stay within the register file (checked: no spills, tests/test_aot.py). Larger
+    tiles spill on sm_90 (triton 3.9, 8 warps, 255 registers): stats 128 x 64 (8-40 bytes of
+    stack in 10 of 14 variants), 128 x 128 (up to 1.8 KB); grad 64 x 256 (up to 1.3 KB).
+    Grad 128 x 64 fits (208-254 registers) but gives the same m64n64 warpgroup MMA."""
     if interpreting():
         return 16, 32, 16, 4  # small, so interpreter tests stay quick
     if dtype == torch.float32:
@@ -361,6 +379,22 @@ class _Problem:
                 self.t_cap or 1.0, self.opts.beta)
 
 
+def stats_splits(N, V, sms, BM, BN):
+    """Vocabulary splits of the statistics sweep. The programs resident at one time (about one
+    per SM) are sms / splits row blocks x all the splits: per step they read the hidden rows of
+    sms / splits row blocks (kept in L2 for the whole sweep) and `splits` weight tiles, fewest
+    bytes at splits = sqrt(sms * BM / BN). At least two programs per SM when N is small."""
+    best = max(1, round((sms * BM / BN) ** 0.5))
+    return max(1, min(triton.cdiv(V, BN), max(best, triton.cdiv(2 * sms, triton.cdiv(N, BM)))))
+
+
+def split_plan(N, V, sms, BM, BN):
+    """(splits, columns per split, a multiple of BN) of the statistics sweep."""
+    n = stats_splits(N, V, sms, BM, BN)
+    cols = triton.cdiv(triton.cdiv(V, n), BN) * BN
+    return triton.cdiv(V, cols), cols
+
+
 def forward_stats(P: _Problem):
     """Per-row statistics [N, N_ROW] and per-row losses [N] (0 at ignored rows, NaN in rows
     without distributions)."""
@@ -368,24 +402,22 @@ def forward_stats(P: _Problem):
     dev = P.h_s.device
     BM, BN, BK, warps = _tiles(P.h_s.dtype, "stats")
     n_rb = triton.cdiv(P.N, BM)
-    sm = multiprocessor_count(dev)
-    n_splits = max(1, min(triton.cdiv(P.V, BN), triton.cdiv(4 * sm, n_rb)))
-    cols_per_split = triton.cdiv(triton.cdiv(P.V, n_splits), BN) * BN
-    n_splits = triton.cdiv(P.V, cols_per_split)
+    n_splits, cols_per_split = split_plan(P.N, P.V, multiprocessor_count(dev), BM, BN)
     part = torch.empty(P.N, n_splits, N_PART, dtype=torch.float32, device=dev)
     stats = torch.empty(P.N, N_ROW, dtype=torch.float32, device=dev)
     div = torch.empty(P.N, dtype=torch.float32, device=dev)
     labels = P.labels if P.labels is not None else stats
     common = (P.N, P.V, P.Ds, P.Dt) + P.strides() + (cols_per_split, n_splits) + P.scalars()
     fl = P.flags()
-    linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=1,
+    linear_stats_kernel[(n_rb * n_splits,)](*P.args(), labels, stats, part, *common, PASS=1,
                                           BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                           **_launch_options(warps), **fl)
     FB = 64 if not interpreting() else 16
     linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
                                                   DIV=fl["DIV"], PASS=1, BLOCK_M=FB)
     if fl["DIV"] not in (0, 1, 6):  # jsd, skew_*, tvd: second sweep for the loss and aux sums
-        linear_stats_kernel[(n_rb, n_splits)](*P.args(), labels, stats, part, *common, PASS=2,
+        linear_stats_kernel[(n_rb * n_splits,)](*P.args(), labels, stats, part, *common,
+                                                PASS=2,
                                               BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
                                               **_launch_options(warps), **fl)
         linear_finish_kernel[(triton.cdiv(P.N, FB),)](part, stats, div, P.N, n_splits, o.beta,
@@ -406,6 +438,12 @@ def forward_stats(P: _Problem):
     return stats, rows
 
 
+# Row blocks per tile group of the gradient kernel: 16 x 64 rows of hidden (Ds + Dt = 8192
+# bf16: 17 MB) stay in L2 while the group walks the chunk's columns; the weights are read once
+# per group (N / 1024 times per sweep).
+GRAD_GROUP_M = 16
+
+
 def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     """out [N, width] = gradient w.r.t. the student logits (before scale and softcap) of
     columns [c0, c0 + width)."""
@@ -413,8 +451,135 @@ def grad_chunk(P: _Problem, stats, rowf, c0, width, out):
     BM, BN, BK, warps = _tiles(P.h_s.dtype)
     labels = P.labels if P.labels is not None else stats
     inv_t, s_scale, t_scale, s_cap, t_cap, beta = P.scalars()
-    linear_grad_kernel[(triton.cdiv(P.N, BM), triton.cdiv(width, BN))](
+    linear_grad_kernel[(triton.cdiv(P.N, BM) * triton.cdiv(width, BN),)](
         *P.args(), labels, stats, rowf, out, out.stride(0), c0, width,
         P.N, P.V, P.Ds, P.Dt, *P.strides(), inv_t, s_scale, t_scale, s_cap, t_cap, beta,
         o.soft_scale, o.hard_weight, o.ignore_index,
-        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, **_launch_options(warps), **P.flags())
+        BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK, GROUP_M=GRAD_GROUP_M,
+        **_launch_options(warps), **P.flags())
+
+
+# ---- GEMM with an accumulating epilogue ------------------------------------------------------------
+#
+# C [M, N] (op)= A [M, K] @ B [K, N], any strides, float32 accumulation on tensor cores. The
+# epilogue either stores the product (OUT_F32: float32 C; else C's own dtype), adds it to a
+# float32 C in place, or keeps a float32 accumulator as two 16-bit planes: the high half of the
+# float32 bits in a bfloat16 tensor (which, once rounded, is the bfloat16 result itself) and the
+# low half in an int16 tensor. The planes hold the float32 value exactly, so a sum over several
+# launches equals a float32 accumulation; the last launch rounds it to bfloat16 (round to
+# nearest even, as Tensor.to) into the high plane. A bfloat16 grad_weight thus accumulates over
+# row chunks in float32 with V x D x 2 bytes of extra memory instead of a V x D float32 buffer.
+
+EPI_STORE = 0       # C = A B, in C's dtype
+EPI_ADD = 1         # C += A B, C float32
+EPI_SPLIT_FIRST = 2  # (hi, lo) = A B
+EPI_SPLIT_ADD = 3    # (hi, lo) += A B
+EPI_SPLIT_LAST = 4   # hi = bf16(float32(hi, lo) + A B)
+
+
+@triton.jit
+def _round_bf16_bits(bits):
+    """bfloat16 bits (int16) of the float32 with bits `bits`, rounded to nearest even; NaN
+    becomes 0x7FC0 (c10's round_to_nearest_even). Integer arithmetic: the same on every target
+    and in the interpreter, which has no bfloat16 type."""
+    r = (bits + (0x7FFF + ((bits >> 16) & 1))) >> 16
+    nan = (bits & 0x7FFFFFFF) > 0x7F800000
+    return tl.where(nan, 0x7FC0, r).to(tl.int16)
+
+
+@triton.jit(do_not_specialize=["K"])
+def mm_kernel(a_ptr, b_ptr, c_ptr, lo_ptr, M, N, K, stride_am, stride_ak, stride_bk, stride_bn,
+              stride_cm, stride_lm, EPI: tl.constexpr, PRECISION: tl.constexpr,
+              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+              GROUP_M: tl.constexpr):
+    """One BLOCK_M x BLOCK_N tile of C; tiles in groups of GROUP_M row blocks, so the programs
+    running at the same time share their A rows and B columns in L2."""
+    pid = tl.program_id(0)
+    n_m = tl.cdiv(M, BLOCK_M)
+    n_n = tl.cdiv(N, BLOCK_N)
+    group = pid // (GROUP_M * n_n)
+    first_m = group * GROUP_M
+    size_m = tl.minimum(n_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % (GROUP_M * n_n)) % size_m
+    pid_n = (pid % (GROUP_M * n_n)) // size_m
+    rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    row_in = rows < M
+    col_in = cols < N
+    ks = tl.arange(0, BLOCK_K)
+    a_rows = a_ptr + rows[:, None].to(tl.int64) * stride_am
+    b_cols = b_ptr + cols[None, :].to(tl.int64) * stride_bn
+    acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.float32)
+    # full K steps without a K mask (K is not specialised: it is the token count of the
+    # grad_weight call), then one masked step for the tail
+    k_full = (K // BLOCK_K) * BLOCK_K
+    for k0 in range(0, k_full, BLOCK_K):
+        kk = k0 + ks
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_in[:, None], other=0.0)
+        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=col_in[None, :], other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    if k_full < K:
+        kk = k_full + ks
+        k_in = kk < K
+        a = tl.load(a_rows + kk[None, :] * stride_ak, mask=row_in[:, None] & k_in[None, :],
+                    other=0.0)
+        b = tl.load(b_cols + kk[:, None] * stride_bk, mask=k_in[:, None] & col_in[None, :],
+                    other=0.0)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+    inb = row_in[:, None] & col_in[None, :]
+    c_at = c_ptr + rows[:, None].to(tl.int64) * stride_cm + cols[None, :]
+    if EPI == 0:
+        tl.store(c_at, acc.to(c_ptr.dtype.element_ty), mask=inb)
+    elif EPI == 1:
+        tl.store(c_at, tl.load(c_at, mask=inb, other=0.0) + acc, mask=inb)
+    else:
+        # c_ptr: the high plane as int16, lo_ptr: the low plane (int16)
+        lo_at = lo_ptr + rows[:, None].to(tl.int64) * stride_lm + cols[None, :]
+        if EPI != 2:
+            hi = tl.load(c_at, mask=inb, other=0).to(tl.int32) << 16
+            lo = tl.load(lo_at, mask=inb, other=0).to(tl.int32) & 0xFFFF
+            acc += (hi | lo).to(tl.float32, bitcast=True)
+        bits = acc.to(tl.int32, bitcast=True)
+        if EPI == 4:
+            tl.store(c_at, _round_bf16_bits(bits), mask=inb)
+        else:
+            tl.store(c_at, (bits >> 16).to(tl.int16), mask=inb)
+            tl.store(lo_at, bits.to(tl.int16), mask=inb)
+
+
+def _mm_tiles(dtype):
+    """(BLOCK_M, BLOCK_N, BLOCK_K, warps, stages). 16-bit inputs: 64 x 128 tiles, one warpgroup
+    (wgmma m64n128k16 on sm_90), three cp.async stages, about 200 registers: two CTAs per SM, so
+    one CTA's epilogue (the accumulator's read-modify-write) overlaps the other's K-loop.
+    Tried on sm_90 (triton 3.9): 128 x 128 over two warpgroups, 182 registers, one CTA per SM
+    (the epilogue would stall the SM); 128 x 256 and 64 x 256 (m64n256), 255 registers and
+    spills."""
+    if interpreting():
+        return 16, 32, 16, 4, 1
+    if dtype == torch.float32:
+        return 64, 64, 32, 4, 3
+    return 64, 128, 64, 4, 3
+
+
+def mm_into(a, b, c, epi=EPI_STORE, lo=None):
+    """c (op)= a @ b with the epilogue `epi` (EPI_*); a [M, K], b [K, N] any strides, c [M, N]
+    with unit column stride (for the split epilogues: c the bfloat16 high plane, lo the int16
+    low plane of the same shape)."""
+    M, K = a.shape
+    N = b.shape[1]
+    if M == 0 or N == 0:
+        return c
+    if interpreting():  # no bf16 arithmetic in the interpreter (see _Problem)
+        a, b = a.float(), b.float()
+    BM, BN, BK, warps, stages = _mm_tiles(a.dtype)
+    split = epi >= EPI_SPLIT_FIRST
+    c_arg = c.view(torch.int16) if split else c
+    lo_arg = lo if split else c
+    grid = (triton.cdiv(M, BM) * triton.cdiv(N, BN),)
+    opts = {"num_warps": warps} if interpreting() else {"num_warps": warps,
+                                                         "num_stages": stages}
+    mm_kernel[grid](a, b, c_arg, lo_arg, M, N, K, a.stride(0), a.stride(1), b.stride(0),
+                    b.stride(1), c.stride(0), lo_arg.stride(0), EPI=epi,
+                    PRECISION=_precision(a.dtype), BLOCK_M=BM, BLOCK_N=BN, BLOCK_K=BK,
+                    GROUP_M=8, **opts)
+    return c
