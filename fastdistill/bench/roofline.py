@@ -789,8 +789,13 @@ def estimate_chunked(m: Machine, kernels: Dict[str, Analysis], N: int, V: int, D
     # logits: both weights re-read per chunk, the float32 logits written
     parts["cublas: student + teacher logits"] = _cublas(
         m, 2.0 * N * V * (Ds + Dt), chunks * V * (Ds + Dt) * e + N * (Ds + Dt) * e + N * V * 8)
-    row = _pick(kernels, "distill_kernel")
-    if row is not None:
+    # the logit-level kernel the launcher picks for float32 logits: the row kernel (the row in
+    # registers over a cluster, one read) on sm_90, else the streaming kernel (2 or 3 passes)
+    row = _pick(kernels, "distill_row_kernel") or _pick(kernels, "distill_kernel")
+    if row is not None and row.kernel == "distill_row_kernel":
+        c = row.rec.get("num_ctas", 1)
+        parts[row.name] = _rows_stream(m, row, N * c, V / c, 1, 8, e)
+    elif row is not None:
         passes = 2 if row.divergence in TWO_PASS else 3
         parts[row.name] = _rows_stream(m, row, N, V, passes, 8, e)
     parts["cublas: grad_hidden"] = _cublas(m, 2.0 * N * V * Ds,
