@@ -328,11 +328,21 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
     if (ch != 0.0f) {
+      // two loops, not a select inside one: the select kept the loop from vectorising
+      if (hard_sep) {
 #pragma omp simd
-      for (int i = 0; i < n; ++i) {
-        const float lq2 = log2_prob(zs[i], ms, ks, ls);
-        const float q1 = fd_exp2(hard_sep ? log2_prob(zs[i], m1, kh, l1) : lq2);
-        g[i] = cg * soft_grad<DIV>(lq2, log2_prob(zt[i], mt, kt, lt), mw, aux) + ch * q1;
+        for (int i = 0; i < n; ++i) {
+          const float q1 = fd_exp2(log2_prob(zs[i], m1, kh, l1));
+          g[i] = cg * soft_grad<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt),
+                                     mw, aux) + ch * q1;
+        }
+      } else {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          const float lq2 = log2_prob(zs[i], ms, ks, ls);
+          g[i] = cg * soft_grad<DIV>(lq2, log2_prob(zt[i], mt, kt, lt), mw, aux) +
+                 ch * fd_exp2(lq2);
+        }
       }
       if (label >= j0 && label < j0 + n) g[label - j0] -= ch;
     } else if (DIV == kForwardKL && kAvx512) {
