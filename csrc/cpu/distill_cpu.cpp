@@ -15,14 +15,17 @@
 //                                          2 reads, 1 write
 //   jsd, skew_*, tvd:                      pass 1, pass 2 (loss and aux), pass 3: 3 reads, 1 write
 // Ignored rows write zeros and read nothing. Without a gradient, pass 3 is skipped.
-// Extra memory: two chunk buffers per thread. Row sums are taken per chunk in float and across
-// chunks in double, in a fixed order: results are bitwise reproducible for a given ISA variant.
+// Extra memory: three chunk buffers per thread, and for jsd, skew_* and tvd with a gradient one
+// row of h_j (V floats) per thread, so that pass 3 does not redo the mixture's logarithm. Row
+// sums are taken per chunk in float and across chunks in double, in a fixed order: results are
+// bitwise reproducible for a given ISA variant.
 //
 // Compiled once per ISA level with -DFD_ISA=<namespace> (see setup.py).
 
 #include <cmath>
 #include <cstdint>
 #include <cstring>
+#include <vector>
 
 #include "cpu/kernels.h"
 #include "fastdistill/divergence.h"
@@ -232,7 +235,7 @@ template <int32_t DIV>
 void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_dtype, int64_t label,
                 bool has_label, void* grow, int64_t grad_width, float* loss_out,
                 const DistillParams& P, float grad_scale, float* __restrict bs,
-                float* __restrict bt, float* __restrict g) {
+                float* __restrict bt, float* __restrict g, float* __restrict hrow) {
   const int64_t V = P.vocab;
   // log2-domain multipliers (divergence.h)
   const float ks = P.s_mul * kLog2e, kt = P.t_mul * kLog2e, kh = P.h_mul * kLog2e;
@@ -286,11 +289,23 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
       const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
       const float ms = st.m_s, ls = st.l_s, mt = st.m_t, lt = st.l_t;
       float l = 0.0f, x = 0.0f;
+      if (hrow) {  // keep h_j for pass 3
+        float* __restrict hh = hrow + j0;
 #pragma omp simd reduction(+ : l, x)
-      for (int i = 0; i < n; ++i) {
-        float qh, h;
-        l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh, h);
-        x += qh;
+        for (int i = 0; i < n; ++i) {
+          float qh;
+          l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh,
+                               hh[i]);
+          x += qh;
+        }
+      } else {
+#pragma omp simd reduction(+ : l, x)
+        for (int i = 0; i < n; ++i) {
+          float qh, h;
+          l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh,
+                               h);
+          x += qh;
+        }
       }
       loss += l;
       aux += x;
@@ -301,8 +316,6 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
 
   double hard_loss = 0.0;
   if (hard) {
-    // CE = LSE(h z) - h z[label] = ((m - h z[label]) + log2 d) ln 2: no cancellation of large
-    // logits
     // CE = LSE(h z) - h z[label] = (m_1 - k_h z[label] + log2 d_1) ln 2, the difference formed
     // by one fused multiply-add: no cancellation of large logits
     const double d1 = hard_sep ? o1.d : row.d_s;
@@ -327,7 +340,24 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
-    if (ch != 0.0f) {
+    if (needs_pass2(DIV) && hrow) {
+      // g = q (h - aux) from the h_j of pass 2: one exponential per element instead of the
+      // mixture's two exponentials and its logarithm again
+      const float* __restrict hh = hrow + j0;
+      if (hard_sep) {
+#pragma omp simd
+        for (int i = 0; i < n; ++i)
+          g[i] = cg * grad_from_h(fd_exp2(log2_prob(zs[i], ms, ks, ls)), hh[i], aux) +
+                 ch * fd_exp2(log2_prob(zs[i], m1, kh, l1));
+      } else {
+#pragma omp simd
+        for (int i = 0; i < n; ++i) {
+          const float q = fd_exp2(log2_prob(zs[i], ms, ks, ls));
+          g[i] = cg * grad_from_h(q, hh[i], aux) + ch * q;
+        }
+      }
+      if (ch != 0.0f && label >= j0 && label < j0 + n) g[label - j0] -= ch;
+    } else if (ch != 0.0f) {
       // two loops, not a select inside one: the select kept the loop from vectorising
       if (hard_sep) {
 #pragma omp simd
@@ -398,6 +428,8 @@ int32_t distill_rows(const DistillArgs& A) {
     alignas(64) float zs[kChunk];
     alignas(64) float zt[kChunk];
     alignas(64) float g[kChunk];
+    // h_j of the whole row for the mixture / tvd gradients (pass 2 to pass 3), V floats
+    std::vector<float> hrow(A.grad && needs_pass2(P.divergence) ? (size_t)P.vocab : 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < A.n_rows; ++r) {
       const void* srow = static_cast<const char*>(A.student) + (size_t)r * A.s_stride * s_elt;
@@ -412,7 +444,8 @@ int32_t distill_rows(const DistillArgs& A) {
       dispatch_divergence(P.divergence, [&](auto tag) {
         row_kernel<decltype(tag)::value>(srow, A.s_dtype, trow, A.t_dtype, label,
                                          A.labels != nullptr, grow, A.grad_width,
-                                         &A.loss_rows[r], P, grad_scale, zs, zt, g);
+                                         &A.loss_rows[r], P, grad_scale, zs, zt, g,
+                                         hrow.empty() ? nullptr : hrow.data());
       });
     }
 #if defined(__AVX512F__)
