@@ -1066,6 +1066,27 @@ Plan plan_resident(const DistillArgs& A, const DeviceInfo& dev) {
   return best;
 }
 
+// The launch configuration of the resident kernel: one cluster of pl.cluster CTAs per row (no
+// cluster attribute for one CTA). Not copyable: cfg.attrs points into the object.
+struct ClusterLaunch {
+  cudaLaunchConfig_t cfg = {};
+  cudaLaunchAttribute attr[1];
+  ClusterLaunch(const Plan& pl, int64_t n_rows, cudaStream_t stream) {
+    cfg.gridDim = dim3(static_cast<unsigned int>(n_rows * pl.cluster));
+    cfg.blockDim = dim3(static_cast<unsigned int>(pl.threads));
+    cfg.dynamicSmemBytes = size_t(pl.bytes);
+    cfg.stream = stream;
+    attr[0].id = cudaLaunchAttributeClusterDimension;
+    attr[0].val.clusterDim.x = static_cast<unsigned int>(pl.cluster);
+    attr[0].val.clusterDim.y = 1;
+    attr[0].val.clusterDim.z = 1;
+    cfg.attrs = attr;
+    cfg.numAttrs = pl.cluster > 1 ? 1 : 0;
+  }
+  ClusterLaunch(const ClusterLaunch&) = delete;
+  ClusterLaunch& operator=(const ClusterLaunch&) = delete;
+};
+
 template <int32_t DT, int32_t DIV>
 int32_t launch_resident(const DistillArgs& A, const Consts& K, const Plan& pl,
                         cudaStream_t stream) {
@@ -1076,19 +1097,8 @@ int32_t launch_resident(const DistillArgs& A, const Consts& K, const Plan& pl,
     err = cudaFuncSetAttribute(kernel, cudaFuncAttributeNonPortableClusterSizeAllowed, 1);
   if (err != cudaSuccess) return fail(err);
   const ResidentArgs RA{A, K, pl.cluster, pl.slice_units, pl.store_h ? 1 : 0};
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned int>(A.n_rows * pl.cluster));
-  cfg.blockDim = dim3(static_cast<unsigned int>(pl.threads));
-  cfg.dynamicSmemBytes = size_t(pl.bytes);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned int>(pl.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = pl.cluster > 1 ? 1 : 0;
-  err = cudaLaunchKernelEx(&cfg, kernel, RA);
+  const ClusterLaunch L(pl, A.n_rows, stream);
+  err = cudaLaunchKernelEx(&L.cfg, kernel, RA);
   return err == cudaSuccess ? launch_status() : fail(err);
 }
 
@@ -1104,20 +1114,9 @@ bool cluster_fits(const Plan& pl, int64_t n_rows, cudaStream_t stream) {
     (void)cudaGetLastError();
     return false;
   }
-  cudaLaunchConfig_t cfg = {};
-  cfg.gridDim = dim3(static_cast<unsigned int>(n_rows * pl.cluster));
-  cfg.blockDim = dim3(static_cast<unsigned int>(pl.threads));
-  cfg.dynamicSmemBytes = size_t(pl.bytes);
-  cfg.stream = stream;
-  cudaLaunchAttribute attr[1];
-  attr[0].id = cudaLaunchAttributeClusterDimension;
-  attr[0].val.clusterDim.x = static_cast<unsigned int>(pl.cluster);
-  attr[0].val.clusterDim.y = 1;
-  attr[0].val.clusterDim.z = 1;
-  cfg.attrs = attr;
-  cfg.numAttrs = 1;
+  const ClusterLaunch L(pl, n_rows, stream);
   int clusters = 0;
-  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &cfg) != cudaSuccess) {
+  if (cudaOccupancyMaxActiveClusters(&clusters, kernel, &L.cfg) != cudaSuccess) {
     (void)cudaGetLastError();
     return false;
   }

@@ -85,23 +85,19 @@ def global_load_width(ins: Instr) -> int:
         return 1024
     if ins.base not in ("LDG", "LDGSTS"):
         return 0
-    mods = ins.opcode.split(".")[1:]
-    for m in mods:
-        if m in ("128", "64"):
-            return int(m)
-        if m in ("U16", "S16"):
-            return 16
-        if m in ("U8", "S8"):
-            return 8
-    return 32
+    return _access_bits(ins)
 
 
 def shared_load_width(ins: Instr) -> int:
     """Bits per thread of a shared-memory load (LDS), 0 if not one."""
     if ins.base != "LDS":
         return 0
-    mods = ins.opcode.split(".")[1:]
-    for m in mods:
+    return _access_bits(ins)
+
+
+def _access_bits(ins: Instr) -> int:
+    """Bits per thread a load or store moves, from its size modifier (none: 32)."""
+    for m in ins.opcode.split(".")[1:]:
         if m in ("128", "64"):
             return int(m)
         if m in ("U16", "S16"):
@@ -112,17 +108,10 @@ def shared_load_width(ins: Instr) -> int:
 
 
 def global_store_width(ins: Instr) -> int:
-    if ins.base not in ("STG",):
+    """Bits per thread of a global store (STG), 0 if not one."""
+    if ins.base != "STG":
         return 0
-    mods = ins.opcode.split(".")[1:]
-    for m in mods:
-        if m in ("128", "64"):
-            return int(m)
-        if m in ("U16", "S16"):
-            return 16
-        if m in ("U8", "S8"):
-            return 8
-    return 32
+    return _access_bits(ins)
 
 
 @dataclass
