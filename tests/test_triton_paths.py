@@ -66,6 +66,13 @@ def test_row_plan():
     # the presets' vocabularies: the row kernel for the KL family in bf16
     assert distill.row_plan(256000, 2, (9, 0)) == (4, 65536, 16, 16)
     assert distill.row_plan(50257, 2, (9, 0), aligned=False, elems=16)[0] == 7
+    # the mixtures at Qwen's 151936 in bf16: too wide for four values per column, LEAN fits;
+    # 256000 streams
+    jsd, mix = 2, distill.row_elems(2, 2, True, False)
+    assert distill.row_plan(151936, 2, (9, 0), elems=mix) is None
+    assert distill.row_plan(151936, 2, (9, 0), elems=distill.row_elems_lean(jsd, mix, False))
+    assert distill.row_plan(256000, 2, (9, 0),
+                            elems=distill.row_elems_lean(jsd, mix, False)) is None
 
 
 @pytest.mark.parametrize("dtype", [F32, F16])  # no bfloat16 arithmetic in the interpreter
@@ -93,3 +100,42 @@ def test_several_tiles_and_padding_columns(monkeypatch, dtype):
     lt, gt = tolerances(dtype)
     assert_close(rows, ref, **lt, what="loss")
     assert_close(s[:, :V], s64.grad, **gt, what="grad")
+
+
+class _LaunchSpy:
+    """Stands for distill_row_kernel in the launcher and records the LEAN flag of each launch."""
+
+    def __init__(self, kernel):
+        self.kernel, self.lean = kernel, []
+
+    def __getitem__(self, grid):
+        def launch(*args, **kw):
+            self.lean.append(kw["LEAN"])
+            return self.kernel[grid](*args, **kw)
+        return launch
+
+
+@pytest.mark.parametrize("divergence", ["jsd", "skew_forward_kl", "skew_reverse_kl"])
+@pytest.mark.parametrize("dtype", [F32, F16])  # no bfloat16 arithmetic in the interpreter
+def test_lean_row_kernel(monkeypatch, divergence, dtype):
+    """The mixtures' row kernel for rows twice as wide as their four values per column allow
+    (LEAN: the raw logits kept, exponentials and h taken again in passes 2 and 3): forced at a
+    small row by allowing fewer columns per thread, against the float64 reference, with a
+    -inf logit (the guarded sums), an ignored row, a hard loss with its own log-sum-exp (T != 1)
+    and one folded into the soft gradient (T = 1)."""
+    monkeypatch.setattr(distill, "VIRTUAL_CAPABILITY", (9, 0))
+    e = dtype.itemsize
+    monkeypatch.setattr(distill, "row_elems", lambda *a: 8 // e)  # one 16-byte vector: too few
+    spy = _LaunchSpy(distill.distill_row_kernel)
+    monkeypatch.setattr(distill, "distill_row_kernel", spy)
+    N, V = 4, 304  # aligned rows in both dtypes
+    assert distill.row_plan(V, e, (9, 0), elems=8 // e) is None
+    assert distill.row_plan(V, e, (9, 0), elems=16 // e) is not None
+    s, t = logits((N, V), dtype), logits((N, V), dtype)
+    s[2, 7] = float("-inf")
+    t[3, 11] = float("-inf")
+    labels = torch.tensor([5, -100, 299, 0])
+    for temperature in (1.7, 1.0):
+        check(s, t, labels, divergence=divergence, beta=0.3, temperature=temperature,
+              hard_weight=0.4)
+    assert spy.lean and all(spy.lean)

@@ -12,6 +12,10 @@ e = 2^(k z - m) (one fused multiply-add, one MUFU.EX2), probabilities q = e 2^-l
 l = log2 sum e, so that every exponential of the row is computed once: 2 MUFU operations per
 element for the KL family and tvd, 3 for jsd (plus the log of the mixture), 4 for skew_*. Two
 or three reductions per row (maxima; sums; the pass-2 sums), each of several operands at once.
+The mixtures keep four values per column between their reductions; for rows too wide for that
+(Qwen's V = 151936 in 16 CTAs) the LEAN variant keeps the raw logits only (16-bit rows: two
+columns per register) and takes the exponentials and the mixture's logarithm again in passes 2
+and 3: 5-6.5 MUFU operations per element instead of 3.1-4.1 (the sm_90 model), one HBM read.
 
 distill_kernel (fallback: sm_80, wider rows, the interpreter when asked for it): one program
 per row streams the row over vocabulary tiles of BLOCK columns with float32 running statistics
@@ -480,13 +484,76 @@ def _row_sums_guarded(s_row, t_row, offs, V, ks, kt, kh, sh_s, sh_t, sh_1, DIV: 
 
 
 @triton.jit
-def _row_pass2(us, ut, es, et, inb_last, l_s, l_t, ps, pt, beta, lwp2, lwq2, DIV: tl.constexpr,
-               GUARD: tl.constexpr, NT: tl.constexpr, FAST: tl.constexpr):
+def _widen(x, FAST: tl.constexpr):
+    """x as float32 where it is used, for the raw 16-bit logits the LEAN row kernel keeps: an
+    opaque conversion (inline PTX, not pure) that the compiler cannot merge with the one of pass
+    1 and so keep a float32 copy of the row alive (two columns per register instead of one)."""
+    if FAST and x.dtype == tl.bfloat16:
+        y = tl.inline_asm_elementwise("cvt.f32.bf16 $0, $1;", "=r,h", [x], dtype=tl.float32,
+                                      is_pure=False, pack=1)
+    elif FAST and x.dtype == tl.float16:
+        y = tl.inline_asm_elementwise("cvt.f32.f16 $0, $1;", "=r,h", [x], dtype=tl.float32,
+                                      is_pure=False, pack=1)
+    else:
+        y = x.to(tl.float32)
+    return y
+
+
+@triton.jit
+def _mix_elem(q, p, lq2, lp2, beta, wp, wq, lwp2, lwq2, DIV: tl.constexpr,
+              GUARD: tl.constexpr, FAST: tl.constexpr):
+    """(loss term, q h, h) of one tile of the mixture divergences and tvd from the probabilities
+    and their log2 (divergence.h: pass2_elem, in the unit of loss_unit). GUARD: the terms of
+    pass2_elem where a probability is 0; without it plain (NaN at -inf logits)."""
+    if DIV == TVD:
+        d = q - p
+        h = tl.where(d > 0, 0.5, tl.where(d < 0, -0.5, 0.0))
+        lt = 0.5 * tl.abs(d)
+        qh = q * h
+    else:
+        m = wp * p + wq * q
+        lm2 = tl.maximum(_lg2(m, FAST), tl.maximum(lp2 + lwp2, lq2 + lwq2))
+        dq = lq2 - lm2
+        dp = lp2 - lm2
+        if DIV == JSD:
+            h = (1.0 - beta) * LN2 * dq
+            tq = q * dq
+            lp_term = beta * p * dp
+            if GUARD:
+                h = tl.where(q > 0, h, 0.0)
+                tq = tl.where(q > 0, tq, 0.0)
+                lp_term = tl.where(p > 0, lp_term, 0.0)
+            lt = lp_term + (1.0 - beta) * tq
+            qh = (1.0 - beta) * LN2 * tq
+        elif DIV == SFKL:
+            h = -wq * _ex2(dp, FAST)
+            lt = p * dp
+            if GUARD:
+                h = tl.where(p > 0, h, 0.0)
+                lt = tl.where(p > 0, lt, 0.0)
+            qh = q * h
+        else:  # SRKL
+            h = LN2 * dq - wq * _ex2(dq, FAST)
+            lt = q * dq
+            if GUARD:
+                h = tl.where(q > 0, h, 0.0)
+                lt = tl.where(q > 0, lt, 0.0)
+            qh = q * h
+    return lt, qh, h
+
+
+@triton.jit
+def _row_pass2(us, ut, es, et, inb_last, ks, kt, sh_s, sh_t, l_s, l_t, ps, pt, beta, lwp2, lwq2,
+               DIV: tl.constexpr, GUARD: tl.constexpr, LEAN: tl.constexpr, NT: tl.constexpr,
+               FAST: tl.constexpr):
     """(sum of loss terms, aux = sum q h) of the mixture divergences and tvd, and h per tile
-    (divergence.h: pass2_elem, in the unit of loss_unit). q = e_s 2^-l_s, lq2 = u_s - l_s: no
-    exponential more. GUARD: the terms of pass2_elem where a probability is 0; without it plain
-    (NaN at -inf logits: the caller redoes the row with GUARD)."""
-    zero = tl.zeros_like(es[0])
+    (none with LEAN). q = e_s 2^-l_s, lq2 = u_s - l_s: no exponential more; LEAN (us, ut: the
+    raw logits): u_s = fma(z_s, k_s, -sh_s) as in pass 1, q = 2^(u_s - l_s), p likewise. GUARD:
+    see _mix_elem (the caller redoes the row with it where the plain sums are not finite)."""
+    if LEAN:
+        zero = tl.zeros_like(us[0].to(tl.float32))
+    else:
+        zero = tl.zeros_like(es[0])
     acc_l = zero
     acc_a = zero
     hs = ()
@@ -497,50 +564,28 @@ def _row_pass2(us, ut, es, et, inb_last, l_s, l_t, ps, pt, beta, lwp2, lwq2, DIV
         wp = beta
         wq = 1.0 - beta
     for i in tl.static_range(NT):
-        q = es[i] * ps
-        p = et[i] * pt
-        if DIV == TVD:
-            d = q - p
-            h = tl.where(d > 0, 0.5, tl.where(d < 0, -0.5, 0.0))
-            lt = 0.5 * tl.abs(d)
-            qh = q * h
-        else:
+        lq2 = 0.0
+        lp2 = 0.0
+        if LEAN:
+            lq2 = tl.fma(_widen(us[i], FAST), ks, -sh_s) - l_s
+            lp2 = tl.fma(_widen(ut[i], FAST), kt, -sh_t) - l_t
+        elif DIV != TVD:
             lq2 = us[i] - l_s
             lp2 = ut[i] - l_t
-            m = wp * p + wq * q
-            lm2 = tl.maximum(_lg2(m, FAST), tl.maximum(lp2 + lwp2, lq2 + lwq2))
-            dq = lq2 - lm2
-            dp = lp2 - lm2
-            if DIV == JSD:
-                h = (1.0 - beta) * LN2 * dq
-                tq = q * dq
-                lp_term = beta * p * dp
-                if GUARD:
-                    h = tl.where(q > 0, h, 0.0)
-                    tq = tl.where(q > 0, tq, 0.0)
-                    lp_term = tl.where(p > 0, lp_term, 0.0)
-                lt = lp_term + (1.0 - beta) * tq
-                qh = (1.0 - beta) * LN2 * tq
-            elif DIV == SFKL:
-                h = -wq * _ex2(dp, FAST)
-                lt = p * dp
-                if GUARD:
-                    h = tl.where(p > 0, h, 0.0)
-                    lt = tl.where(p > 0, lt, 0.0)
-                qh = q * h
-            else:  # SRKL
-                h = LN2 * dq - wq * _ex2(dq, FAST)
-                lt = q * dq
-                if GUARD:
-                    h = tl.where(q > 0, h, 0.0)
-                    lt = tl.where(q > 0, lt, 0.0)
-                qh = q * h
+        if LEAN:
+            q = _ex2(lq2, FAST)
+            p = _ex2(lp2, FAST)
+        else:
+            q = es[i] * ps
+            p = et[i] * pt
+        lt, qh, h = _mix_elem(q, p, lq2, lp2, beta, wp, wq, lwp2, lwq2, DIV, GUARD, FAST)
         if i == NT - 1:
             lt = tl.where(inb_last, lt, 0.0)
             qh = tl.where(inb_last, qh, 0.0)
         acc_l += lt
         acc_a += qh
-        hs = hs + (h,)
+        if not LEAN:
+            hs = hs + (h,)
     loss, aux = tl.reduce((acc_l, acc_a), 0, _sum_pair)
     return loss, aux, hs
 
@@ -552,11 +597,13 @@ def distill_row_kernel(
     lwp2, lwq2,
     DIV: tl.constexpr, HAS_LABELS: tl.constexpr, HARD: tl.constexpr, SAME_LSE: tl.constexpr,
     WRITE_GRAD: tl.constexpr, NT: tl.constexpr, TB: tl.constexpr, ZB: tl.constexpr,
-    FAST: tl.constexpr,
+    FAST: tl.constexpr, LEAN: tl.constexpr,
 ):
     """One row per program (a cluster of num_ctas CTAs), the row in registers: NT tiles of TB
     columns (columns >= V masked). ks, kt, kh: the multipliers times log2(e); lwp2, lwq2: log2
-    of the mixture weights. ZB: the tile of the zero fills (ignored rows, columns past NT TB)."""
+    of the mixture weights. ZB: the tile of the zero fills (ignored rows, columns past NT TB).
+    LEAN (the mixtures, for wider rows): keep the raw logits only and take the exponentials and
+    h again in passes 2 and 3 (2 values per column instead of 4)."""
     row = tl.program_id(0).to(tl.int64)
     s_row = s_ptr + row * s_stride
     t_row = t_ptr + row * t_stride
@@ -582,18 +629,24 @@ def distill_row_kernel(
         for i in tl.static_range(NT):
             cols = i * TB + offs
             inb = cols < V
-            zs = zs + (tl.load(s_row + cols, mask=inb, other=NEG_INF).to(tl.float32),)
-            zt = zt + (tl.load(t_row + cols, mask=inb, other=NEG_INF).to(tl.float32),)
+            a = tl.load(s_row + cols, mask=inb, other=NEG_INF)
+            b = tl.load(t_row + cols, mask=inb, other=NEG_INF)
+            if LEAN:  # kept as loaded (16-bit rows: half the registers), converted where used
+                zs = zs + (a,)
+                zt = zt + (b,)
+            else:
+                zs = zs + (a.to(tl.float32),)
+                zt = zt + (b.to(tl.float32),)
         inb_last = (NT - 1) * TB + offs < V
         z_label = 0.0
         if HARD:
             z_label = tl.load(s_row + label).to(tl.float32)
         # shifts: k times the maxima of the raw logits (one reduction of both sides)
-        ms_v = zs[0]
-        mt_v = zt[0]
+        ms_v = _widen(zs[0], FAST)
+        mt_v = _widen(zt[0], FAST)
         for i in tl.static_range(1, NT):
-            ms_v = tl.maximum(ms_v, zs[i])
-            mt_v = tl.maximum(mt_v, zt[i])
+            ms_v = tl.maximum(ms_v, _widen(zs[i], FAST))
+            mt_v = tl.maximum(mt_v, _widen(zt[i], FAST))
         mzs, mzt = tl.reduce((ms_v, mt_v), 0, _max_pair)
         m_s = mzs * ks
         m_t = mzt * kt
@@ -606,7 +659,8 @@ def distill_row_kernel(
         # u_s - u_t of the reverse KL; u_s, u_t of the mixtures
         HARD_SEP: tl.constexpr = HARD and not SAME_LSE
         MIX: tl.constexpr = (DIV == JSD) or (DIV == SFKL) or (DIV == SRKL)
-        KEEP_ET: tl.constexpr = (DIV != RKL)
+        KEEP_ES: tl.constexpr = not (MIX and LEAN)
+        KEEP_ET: tl.constexpr = (DIV != RKL) and KEEP_ES
         KEEP_DX: tl.constexpr = (DIV == RKL) or (DIV == SKL)
         es = ()
         et = ()
@@ -619,8 +673,8 @@ def distill_row_kernel(
         acc_wr = acc_s
         acc_1 = acc_s
         for i in tl.static_range(NT):
-            u = tl.fma(zs[i], ks, -sh_s)
-            v = tl.fma(zt[i], kt, -sh_t)
+            u = tl.fma(_widen(zs[i], FAST), ks, -sh_s)
+            v = tl.fma(_widen(zt[i], FAST), kt, -sh_t)
             e = _ex2(u, FAST)
             f = _ex2(v, FAST)
             acc_s += e
@@ -636,13 +690,17 @@ def distill_row_kernel(
                     w = tl.where(inb_last, w, 0.0)
                 acc_wr += w
             if HARD_SEP:
-                acc_1 += _ex2(tl.fma(zs[i], kh, -sh_1), FAST)
-            es = es + (e,)
+                acc_1 += _ex2(tl.fma(_widen(zs[i], FAST), kh, -sh_1), FAST)
+            if KEEP_ES:
+                es = es + (e,)
             if KEEP_ET:
                 et = et + (f,)
             if KEEP_DX:
                 dx = dx + (tl.maximum(u, -1e30) - tl.maximum(v, -1e35),)
-            if MIX:
+            if MIX and LEAN:  # the raw logits: u again by the same fma in passes 2 and 3
+                us = us + (zs[i],)
+                ut = ut + (zt[i],)
+            elif MIX:
                 us = us + (u,)
                 ut = ut + (v,)
         d_s, d_t, wf, wr, d_1 = _sum_reduce(acc_s, acc_t, acc_wf, acc_wr, acc_1, DIV, HARD_SEP)
@@ -683,11 +741,12 @@ def distill_row_kernel(
         elif DIV == SKL:
             div = LN2 * (beta * fkl2 + (1.0 - beta) * rkl2)
         else:
-            lsum, aux, hs = _row_pass2(us, ut, es, et, inb_last, l_s, l_t, ps, pt, beta, lwp2,
-                                       lwq2, DIV, False, NT, FAST)
+            lsum, aux, hs = _row_pass2(us, ut, es, et, inb_last, ks, kt, sh_s, sh_t, l_s, l_t,
+                                       ps, pt, beta, lwp2, lwq2, DIV, False, LEAN, NT, FAST)
             if ((lsum + aux) - (lsum + aux)) != 0.0:
-                lsum, aux, hs = _row_pass2(us, ut, es, et, inb_last, l_s, l_t, ps, pt, beta,
-                                           lwp2, lwq2, DIV, True, NT, FAST)
+                lsum, aux, hs = _row_pass2(us, ut, es, et, inb_last, ks, kt, sh_s, sh_t, l_s,
+                                           l_t, ps, pt, beta, lwp2, lwq2, DIV, True, LEAN, NT,
+                                           FAST)
             if DIV == TVD:
                 div = lsum
             else:
@@ -719,6 +778,12 @@ def distill_row_kernel(
             b1 = (r * cs + fold) * ps
             c1 = r * cs * pt
             x0 = l_s - l_t + aux
+            if DIV == SRKL:
+                wp = 1.0 - beta
+                wq = beta
+            else:
+                wp = beta
+                wq = 1.0 - beta
             for i in tl.static_range(NT):
                 cols = i * TB + offs
                 if DIV == FKL:
@@ -727,6 +792,16 @@ def distill_row_kernel(
                     g = es[i] * (a1 * (dx[i] - x0) + b1)
                     if DIV == SKL:
                         g = g - c1 * et[i]
+                elif MIX and LEAN:
+                    lq2 = tl.fma(_widen(us[i], FAST), ks, -sh_s) - l_s
+                    lp2 = tl.fma(_widen(ut[i], FAST), kt, -sh_t) - l_t
+                    q = _ex2(lq2, FAST)
+                    # h with the guards: 0 where a probability is 0, as pass 2 gave it
+                    _, _, h = _mix_elem(q, _ex2(lp2, FAST), lq2, lp2, beta, wp, wq, lwp2, lwq2,
+                                        DIV, True, FAST)
+                    g = cs * q * (h - aux)
+                    if HARD and SAME_LSE:
+                        g += ch * q
                 else:
                     q = es[i] * ps
                     g = cs * q * (hs[i] - aux)
@@ -785,6 +860,9 @@ ROW_MAX_COLUMNS = ROW_ELEMS * 16 * 32 * ROW_WARPS
 # per column between their reductions (registers; the others two), for float32 rows and for
 # unaligned rows
 ROW_ELEMS_MIX = 16
+# ... and, LEAN (the raw logits kept, the exponentials taken again), twice that for the mixtures,
+# up to 24 columns (row_elems_lean)
+ROW_ELEMS_LEAN = 24
 
 
 def capability(device) -> tuple:
@@ -806,6 +884,15 @@ def row_elems(divergence: int, elem_bytes: int, aligned: bool, hard: bool) -> in
     if hard and not two_values and (elem_bytes == 4 or divergence == 6):
         return 8
     return ROW_ELEMS_MIX
+
+
+def row_elems_lean(divergence: int, elems: int, hard: bool) -> int:
+    """Columns of each input a thread of the LEAN row kernel (the mixtures, two values per
+    column) may hold without spilling (ptxas of triton 3.9, sm_90, aligned and unaligned rows):
+    twice `elems` (row_elems), at most 24 (32, what V = 256000 needs, spills 16-368 bytes);
+    16 for skew_forward_kl with a hard loss (24 spills 8 bytes)."""
+    cap = 16 if (divergence == 3 and hard) else ROW_ELEMS_LEAN
+    return min(2 * elems, cap)
 
 
 def row_plan(width: int, elem_bytes: int, cap: tuple, warps: int = ROW_WARPS,
@@ -849,10 +936,16 @@ def distill_forward(student, teacher, labels, opts, vocab, grad_scale, need_grad
                  SAME_LSE=opts.same_lse, WRITE_GRAD=grad is not None)
     aligned = all(x is None or (x.data_ptr() % 16 == 0 and x.stride(0) * x.element_size() % 16 == 0)
                   for x in (student, teacher, grad))
-    elems = row_elems(opts.divergence, student.element_size(), aligned,
-                      labels is not None and opts.hard_weight != 0.0)
-    plan = row_plan(vocab, student.element_size(), capability(student.device), elems=elems,
-                    aligned=aligned)
+    hard = labels is not None and opts.hard_weight != 0.0
+    elems = row_elems(opts.divergence, student.element_size(), aligned, hard)
+    cap = capability(student.device)
+    plan = row_plan(vocab, student.element_size(), cap, elems=elems, aligned=aligned)
+    lean = False
+    if plan is None and opts.divergence in (2, 3, 4):
+        # the mixtures keep four values per column; with two (LEAN), wider rows fit
+        lean_elems = row_elems_lean(opts.divergence, elems, hard)
+        plan = row_plan(vocab, student.element_size(), cap, elems=lean_elems, aligned=aligned)
+        lean = plan is not None
     if plan is not None:
         nt, tb, ctas, warps = plan
         lwp2 = lwq2 = 0.0
@@ -864,7 +957,7 @@ def distill_forward(student, teacher, labels, opts, vocab, grad_scale, need_grad
             *common, vocab, Vs, opts.ignore_index, opts.beta, opts.s_mul * LOG2E,
             opts.t_mul * LOG2E, opts.h_mul * LOG2E, opts.s_mul, opts.h_mul, opts.soft_scale,
             opts.hard_weight, lwp2, lwq2, **flags, NT=nt, TB=tb, ZB=block_size(Vs),
-            FAST=not interpreting(), **launch)
+            FAST=not interpreting(), LEAN=lean, **launch)
         return rows, grad
     block = block_size(Vs)
     distill_kernel[(N,)](
