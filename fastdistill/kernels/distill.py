@@ -71,14 +71,22 @@ def _uses_wr(DIV: tl.constexpr):
 
 
 @triton.jit
-def _mix_weights(beta, DIV: tl.constexpr):
-    """(wp, wq, log wp, log wq) of the mixture M = wp P + wq Q (divergence.h: mix_weights)."""
+def mix_pair(beta, DIV: tl.constexpr):
+    """(wp, wq) of the mixture M = wp P + wq Q (divergence.h: mix_weights): beta weighs P,
+    except in the skew reverse KL, where it weighs Q."""
     if DIV == SRKL:
         wp = 1.0 - beta
         wq = beta
     else:
         wp = beta
         wq = 1.0 - beta
+    return wp, wq
+
+
+@triton.jit
+def _mix_weights(beta, DIV: tl.constexpr):
+    """(wp, wq, log wp, log wq) of the mixture M = wp P + wq Q."""
+    wp, wq = mix_pair(beta, DIV)
     return wp, wq, tl.log(wp), tl.log(wq)
 
 
@@ -557,12 +565,7 @@ def _row_pass2(us, ut, es, et, inb_last, ks, kt, sh_s, sh_t, l_s, l_t, ps, pt, b
     acc_l = zero
     acc_a = zero
     hs = ()
-    if DIV == SRKL:
-        wp = 1.0 - beta
-        wq = beta
-    else:
-        wp = beta
-        wq = 1.0 - beta
+    wp, wq = mix_pair(beta, DIV)
     for i in tl.static_range(NT):
         lq2 = 0.0
         lp2 = 0.0
@@ -778,12 +781,7 @@ def distill_row_kernel(
             b1 = (r * cs + fold) * ps
             c1 = r * cs * pt
             x0 = l_s - l_t + aux
-            if DIV == SRKL:
-                wp = 1.0 - beta
-                wq = beta
-            else:
-                wp = beta
-                wq = 1.0 - beta
+            wp, wq = mix_pair(beta, DIV)
             for i in tl.static_range(NT):
                 cols = i * TB + offs
                 if DIV == FKL:

@@ -35,6 +35,7 @@ import triton
 import triton.language as tl
 
 from fastdistill.kernels import interpreting, multiprocessor_count
+from fastdistill.kernels.distill import mix_pair
 
 FKL = tl.constexpr(0)
 RKL = tl.constexpr(1)
@@ -73,12 +74,7 @@ def _bin_terms(lp, lq, beta, DIV: tl.constexpr):
         loss = 0.5 * tl.abs(d)
         qh = q * tl.where(d > 0, 0.5, tl.where(d < 0, -0.5, 0.0))
     else:
-        if DIV == SRKL:
-            wp = 1.0 - beta
-            wq = beta
-        else:
-            wp = beta
-            wq = 1.0 - beta
+        wp, wq = mix_pair(beta, DIV)
         lwp = tl.where(wp > 0, tl.log(wp), NEG_INF)
         lwq = tl.where(wq > 0, tl.log(wq), NEG_INF)
         m = wp * p + wq * q
