@@ -15,8 +15,8 @@
 //                                          2 reads, 1 write
 //   jsd, skew_*, tvd:                      pass 1, pass 2 (loss and aux), pass 3: 3 reads, 1 write
 // Ignored rows write zeros and read nothing. Without a gradient, pass 3 is skipped.
-// Extra memory: three chunk buffers per thread, and for jsd, skew_* and tvd with a gradient one
-// row of h_j (V floats) per thread, so that pass 3 does not redo the mixture's logarithm. Row
+// Extra memory: three chunk buffers per thread, and for jsd, skew_* and tvd one row of h_j
+// (V floats) per thread, so that pass 3 does not redo the mixture's logarithm. Row
 // sums are taken per chunk in float and across chunks in double, in a fixed order: results are
 // bitwise reproducible for a given ISA variant.
 //
@@ -289,23 +289,13 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
       const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
       const float ms = st.m_s, ls = st.l_s, mt = st.m_t, lt = st.l_t;
       float l = 0.0f, x = 0.0f;
-      if (hrow) {  // keep h_j for pass 3
-        float* __restrict hh = hrow + j0;
+      float* __restrict hh = hrow + j0;  // h_j, kept for pass 3
 #pragma omp simd reduction(+ : l, x)
-        for (int i = 0; i < n; ++i) {
-          float qh;
-          l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh,
-                               hh[i]);
-          x += qh;
-        }
-      } else {
-#pragma omp simd reduction(+ : l, x)
-        for (int i = 0; i < n; ++i) {
-          float qh, h;
-          l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh,
-                               h);
-          x += qh;
-        }
+      for (int i = 0; i < n; ++i) {
+        float qh;
+        l += pass2_elem<DIV>(log2_prob(zs[i], ms, ks, ls), log2_prob(zt[i], mt, kt, lt), mw, qh,
+                             hh[i]);
+        x += qh;
       }
       loss += l;
       aux += x;
@@ -340,7 +330,7 @@ void row_kernel(const void* srow, int32_t s_dtype, const void* trow, int32_t t_d
     const int n = (int)(V - j0 < kChunk ? V - j0 : kChunk);
     const float* __restrict zs = load_chunk(srow, s_dtype, j0, n, bs);
     const float* __restrict zt = load_chunk(trow, t_dtype, j0, n, bt);
-    if (needs_pass2(DIV) && hrow) {
+    if (needs_pass2(DIV)) {
       // g = q (h - aux) from the h_j of pass 2: one exponential per element instead of the
       // mixture's two exponentials and its logarithm again
       const float* __restrict hh = hrow + j0;
@@ -429,7 +419,7 @@ int32_t distill_rows(const DistillArgs& A) {
     alignas(64) float zt[kChunk];
     alignas(64) float g[kChunk];
     // h_j of the whole row for the mixture / tvd gradients (pass 2 to pass 3), V floats
-    std::vector<float> hrow(A.grad && needs_pass2(P.divergence) ? (size_t)P.vocab : 0);
+    std::vector<float> hrow(needs_pass2(P.divergence) ? (size_t)P.vocab : 0);
 #pragma omp for schedule(static)
     for (int64_t r = 0; r < A.n_rows; ++r) {
       const void* srow = static_cast<const char*>(A.student) + (size_t)r * A.s_stride * s_elt;

@@ -508,6 +508,13 @@ def _widen(x, FAST: tl.constexpr):
 
 
 @triton.jit
+def _lean_lp2(z, k, sh, l, FAST: tl.constexpr):
+    """log2 of the probability of a raw logit z kept by the LEAN row kernel: the fma of pass 1
+    (u = k z - sh), minus the row's log2 sum l."""
+    return tl.fma(_widen(z, FAST), k, -sh) - l
+
+
+@triton.jit
 def _mix_elem(q, p, lq2, lp2, beta, wp, wq, lwp2, lwq2, DIV: tl.constexpr,
               GUARD: tl.constexpr, FAST: tl.constexpr):
     """(loss term, q h, h) of one tile of the mixture divergences and tvd from the probabilities
@@ -570,8 +577,8 @@ def _row_pass2(us, ut, es, et, inb_last, ks, kt, sh_s, sh_t, l_s, l_t, ps, pt, b
         lq2 = 0.0
         lp2 = 0.0
         if LEAN:
-            lq2 = tl.fma(_widen(us[i], FAST), ks, -sh_s) - l_s
-            lp2 = tl.fma(_widen(ut[i], FAST), kt, -sh_t) - l_t
+            lq2 = _lean_lp2(us[i], ks, sh_s, l_s, FAST)
+            lp2 = _lean_lp2(ut[i], kt, sh_t, l_t, FAST)
         elif DIV != TVD:
             lq2 = us[i] - l_s
             lp2 = ut[i] - l_t
@@ -700,12 +707,12 @@ def distill_row_kernel(
                 et = et + (f,)
             if KEEP_DX:
                 dx = dx + (tl.maximum(u, -1e30) - tl.maximum(v, -1e35),)
-            if MIX and LEAN:  # the raw logits: u again by the same fma in passes 2 and 3
-                us = us + (zs[i],)
-                ut = ut + (zt[i],)
-            elif MIX:
+            if MIX and not LEAN:
                 us = us + (u,)
                 ut = ut + (v,)
+        if MIX and LEAN:  # the raw logits: u again by the same fma in passes 2 and 3
+            us = zs
+            ut = zt
         d_s, d_t, wf, wr, d_1 = _sum_reduce(acc_s, acc_t, acc_wf, acc_wr, acc_1, DIV, HARD_SEP)
         if ((wf + wr) - (wf + wr)) != 0.0:  # a -inf (or NaN) logit: the guarded terms
             d_s, d_t, wf, wr, d_1 = _row_sums_guarded(s_row, t_row, offs, V, ks, kt, kh, sh_s,
@@ -791,8 +798,8 @@ def distill_row_kernel(
                     if DIV == SKL:
                         g = g - c1 * et[i]
                 elif MIX and LEAN:
-                    lq2 = tl.fma(_widen(us[i], FAST), ks, -sh_s) - l_s
-                    lp2 = tl.fma(_widen(ut[i], FAST), kt, -sh_t) - l_t
+                    lq2 = _lean_lp2(us[i], ks, sh_s, l_s, FAST)
+                    lp2 = _lean_lp2(ut[i], kt, sh_t, l_t, FAST)
                     q = _ex2(lq2, FAST)
                     # h with the guards: 0 where a probability is 0, as pass 2 gave it
                     _, _, h = _mix_elem(q, _ex2(lp2, FAST), lq2, lp2, beta, wp, wq, lwp2, lwq2,
